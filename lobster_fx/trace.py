@@ -1,0 +1,276 @@
+"""Tracing stage: turn an arbitrary ``nn.Module`` into FX graphs, one per mode.
+
+Two facts shape this module (measured, see ``shared/docs/lobster-notes.md`` s.4):
+
+* Tracing *through* Linear / Conv / Embedding keeps outputs bit-identical and
+  makes every weight a ``get_attr`` node, so the mask rewrite is uniform.
+  Normalisation layers and ``MultiheadAttention`` stay leaf modules.
+* ``symbolic_trace`` bakes ``self.training`` into the graph. We therefore trace
+  in train *and* eval mode and :class:`LobsterGraphModule` switches between the
+  two graphs on ``.train()`` / ``.eval()``, exactly like the original module.
+
+Code that does not trace does not stop us: :func:`trace_model` falls back to
+tracing the children that do trace and keeps the rest as ordinary modules (their
+parameters are masked at module level by the instrument pass).
+
+Example::
+
+    >>> import torch
+    >>> from lobster_fx.trace import trace_model
+    >>> m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Dropout(0.5))
+    >>> gm = trace_model(m).module
+    >>> [n.op for n in gm.graph.nodes]
+    ['placeholder', 'get_attr', 'get_attr', 'call_function', 'call_module', 'output']
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import Graph, GraphModule
+from torch.fx.graph_module import _copy_attr
+
+__all__ = [
+    "TRACE_THROUGH",
+    "LobsterTracer",
+    "LobsterGraphModule",
+    "TraceSummary",
+    "trace_model",
+    "is_original_leaf",
+]
+
+#: torch.nn modules that are traced into (their weight becomes a ``get_attr``).
+TRACE_THROUGH: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Bilinear,
+    nn.modules.conv._ConvNd,
+    nn.Embedding,
+    nn.EmbeddingBag,
+)
+
+
+class LobsterTracer(torch.fx.Tracer):
+    """FX tracer that traces through the prunable torch.nn layers.
+
+    ``extra_leaves`` are module *instances* to keep as leaves (used by the
+    fallback for children whose code does not trace).
+    """
+
+    def __init__(self, extra_leaves: set[int] | None = None) -> None:
+        super().__init__()
+        self.extra_leaves = extra_leaves or set()
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if id(m) in self.extra_leaves:
+            return True
+        if isinstance(m, TRACE_THROUGH) and type(m).__module__.startswith("torch.nn"):
+            # NonDynamicallyQuantizableLinear etc. live in torch.nn too: trace them
+            return False
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+class LobsterGraphModule(GraphModule):
+    """A GraphModule holding one graph per training mode.
+
+    ``.train()`` / ``.eval()`` switch ``self.graph`` to the graph traced in that
+    mode, so code that reads ``self.training`` (stochastic depth, auxiliary
+    heads) behaves as in the original module. When both modes trace to the same
+    code only one graph is kept.
+    """
+
+    def __init__(
+        self,
+        root: nn.Module,
+        graphs: dict[bool, Graph],
+        class_name: str = "GraphModule",
+        training: bool | None = None,
+    ) -> None:
+        training = root.training if training is None else training
+        super().__init__(root, graphs[training], class_name)
+        self.training = training
+        for mode, g in graphs.items():
+            if g is graphs[training]:
+                continue
+            for node in g.nodes:
+                if node.op in ("get_attr", "call_module"):
+                    _copy_attr(root, self, node.target)
+            g.owning_module = self
+        self._lobster_graphs = dict(graphs)
+
+    @property
+    def mode_graphs(self) -> dict[bool, Graph]:
+        """The graph per mode (``True`` = train). May hold the same graph twice."""
+        return self._lobster_graphs
+
+    def set_mode_graph(self, mode: bool, graph: Graph) -> None:
+        """Replace the graph used in ``mode`` (recompiles if it is the active one)."""
+        graph.owning_module = self
+        self._lobster_graphs[mode] = graph
+        if mode == self.training:
+            self.graph = graph
+
+    def drop_mode(self, keep: bool) -> None:
+        """Keep only the graph of mode ``keep`` (used by inference-only passes)."""
+        g = self._lobster_graphs[keep]
+        self._lobster_graphs = {True: g, False: g}
+        if self.graph is not g:
+            self.graph = g
+
+    def recompile_all(self) -> None:
+        """Lint and recompile after the graphs were edited in place."""
+        for g in {id(g): g for g in self._lobster_graphs.values()}.values():
+            g.lint()
+        self.recompile()
+
+    def train(self, mode: bool = True) -> "LobsterGraphModule":
+        super().train(mode)
+        graphs = self.__dict__.get("_lobster_graphs")
+        if graphs is not None and graphs[mode] is not self.graph:
+            self.graph = graphs[mode]
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "LobsterGraphModule":
+        res = type(self).__new__(type(self))
+        memo[id(self)] = res
+        fake = torch.fx.graph_module._CodeOnlyModule(copy.deepcopy(self.__dict__, memo))
+        graphs = fake.__dict__["_lobster_graphs"]
+        LobsterGraphModule.__init__(res, fake, graphs, training=self.training)
+        for attr in ("_state_dict_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"):
+            if attr in self.__dict__:
+                setattr(res, attr, copy.deepcopy(self.__dict__[attr], memo))
+        res.meta = copy.deepcopy(getattr(self, "meta", {}), memo)
+        return res
+
+
+@dataclass
+class TraceSummary:
+    """Where tracing worked. ``traced`` / ``opaque`` are module qualified names
+    ("" is the root); ``errors`` maps an opaque module to why it did not trace."""
+
+    traced: list[str] = field(default_factory=list)
+    opaque: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = []
+        for q in self.traced:
+            lines.append(f"  traced  {q or '<root>'}")
+        for q in self.opaque:
+            lines.append(f"  opaque  {q or '<root>'}: {self.errors.get(q, '')}")
+        return "trace summary:\n" + "\n".join(lines)
+
+
+@dataclass
+class TraceResult:
+    module: GraphModule
+    summary: TraceSummary
+    #: ids of modules of the *original* model that the result still calls as
+    #: opaque Python code (their own parameters need module-level masking)
+    opaque_modules: dict[str, nn.Module] = field(default_factory=dict)
+
+
+def _set_modes(model: nn.Module, mode: bool) -> None:
+    for m in model.modules():
+        m.training = mode
+
+
+def _trace_both_modes(model: nn.Module, extra_leaves: set[int]) -> dict[bool, Graph]:
+    """Trace ``model`` in train and eval mode; restores every module's flag."""
+    saved = [(m, m.training) for m in model.modules()]
+    graphs: dict[bool, Graph] = {}
+    try:
+        for mode in (True, False):
+            _set_modes(model, mode)
+            graphs[mode] = LobsterTracer(extra_leaves).trace(model)
+    finally:
+        for m, t in saved:
+            m.training = t
+    if graphs[True].python_code("self").src == graphs[False].python_code("self").src:
+        graphs[False] = graphs[True]
+    return graphs
+
+
+def is_original_leaf(obj: object, original: nn.Module) -> bool:
+    return any(obj is m for m in original.modules())
+
+
+_SIMPLE = (int, float, str, bool, tuple, type(None))
+
+
+def _wrap_opaque_root(module: nn.Module) -> LobsterGraphModule:
+    """A one-node graph calling ``module``: the root's own code does not trace."""
+    sig = inspect.signature(module.forward)
+    g = Graph()
+    args, kwargs = [], {}
+    for p in sig.parameters.values():
+        if p.kind is p.VAR_POSITIONAL:
+            args.append(g.placeholder("*" + p.name))
+        elif p.kind is p.VAR_KEYWORD:
+            kwargs["**"] = g.placeholder("**" + p.name)
+        else:
+            default = () if p.default is p.empty else (p.default,)
+            node = g.placeholder(p.name, default_value=p.default if default else inspect.Signature.empty)
+            if p.kind is p.KEYWORD_ONLY:
+                kwargs[p.name] = node
+            else:
+                args.append(node)
+    if "**" in kwargs or any(a.target.startswith("*") for a in args):
+        raise torch.fx.proxy.TraceError(
+            f"cannot wrap {type(module).__name__}.forward with *args/**kwargs"
+        )
+    out = g.call_module("opaque", tuple(args), kwargs)
+    g.output(out)
+    holder = nn.Module()
+    holder.opaque = module
+    holder.training = module.training
+    return LobsterGraphModule(holder, {True: g, False: g})
+
+
+def _shallow_copy_module(m: nn.Module) -> nn.Module:
+    """New module object sharing parameters and buffers with ``m``."""
+    memo = {id(t): t for t in list(m.parameters()) + list(m.buffers())}
+    return copy.deepcopy(m, memo)
+
+
+def trace_model(model: nn.Module) -> TraceResult:
+    """Trace ``model`` for both modes, falling back to traceable subtrees.
+
+    The result shares parameters and buffers with ``model``; ``model`` itself is
+    never modified (opaque modules are copied, sharing their tensors).
+    """
+    summary = TraceSummary()
+    opaque: dict[str, nn.Module] = {}
+    result = _trace_subtree(model, "", summary, opaque)
+    if not isinstance(result, GraphModule):
+        result = _wrap_opaque_root(result)
+        opaque = {("opaque." + k if k else "opaque"): v for k, v in opaque.items()}
+    return TraceResult(result, summary, opaque)
+
+
+def _trace_subtree(module: nn.Module, qual: str, summary: TraceSummary, opaque: dict) -> nn.Module:
+    try:
+        graphs = _trace_both_modes(module, set())
+        gm = LobsterGraphModule(module, graphs, class_name=type(module).__name__)
+        summary.traced.append(qual)
+        return gm
+    except Exception as e:  # noqa: BLE001 - any tracing failure triggers the fallback
+        summary.opaque.append(qual)
+        summary.errors[qual] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    shell = _shallow_copy_module(module)
+    for name, child in list(module.named_children()):
+        cq = f"{qual}.{name}" if qual else name
+        if not any(True for _ in child.parameters()):
+            continue
+        new_child = _trace_subtree(child, cq, summary, opaque)
+        if isinstance(new_child, GraphModule):
+            for k, v in vars(child).items():
+                if isinstance(v, _SIMPLE) and not k.startswith("_") and k not in new_child.__dict__:
+                    setattr(new_child, k, v)
+        setattr(shell, name, new_child)
+    opaque[qual] = shell
+    return shell
