@@ -1,0 +1,31 @@
+"""lobster_fx: LOBSTER sparse training as a torch.fx pass, and compressed export.
+
+Example::
+
+    >>> import torch, lobster_fx
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    >>> gm = lobster_fx.instrument(model)
+    >>> opt = torch.optim.SGD(gm.parameters(), lr=0.1)
+    >>> rule = lobster_fx.Lobster(gm, opt, lmbda=1e-4)
+"""
+
+from lobster_fx.fold import fold
+from lobster_fx.instrument import default_filter, instrument, masks
+from lobster_fx.prune import PruneResult, prune
+from lobster_fx.report import SparsityReport, sparsity_report
+from lobster_fx.rule import Lobster
+from lobster_fx.schedule import PlateauPruner
+
+__all__ = [
+    "instrument",
+    "masks",
+    "default_filter",
+    "Lobster",
+    "prune",
+    "PruneResult",
+    "PlateauPruner",
+    "sparsity_report",
+    "SparsityReport",
+    "fold",
+]
+__version__ = "0.1.0"

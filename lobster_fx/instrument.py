@@ -1,0 +1,314 @@
+"""Instrument stage: rewrite every use of a prunable parameter into ``param * mask``.
+
+Two routes, chosen per parameter:
+
+* **graph**: the parameter is a ``get_attr`` node of a traced graph; a ``mul``
+  node with a mask buffer is inserted after it (``node.meta["lobster_mask"]``
+  names the parameter). Uses that only read metadata (``w.shape``, ``w.dtype``)
+  keep the raw parameter.
+* **module**: the parameter is used inside a leaf module (``MultiheadAttention``)
+  or inside code that did not trace; it gets a ``torch.nn.utils.parametrize``
+  parametrization multiplying it by its mask.
+
+The mask is 1.0 everywhere at first and ``w * 1.0 == w`` exactly, so the
+instrumented model's outputs equal the original's bit for bit.
+
+Example::
+
+    >>> import torch, lobster_fx
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    >>> gm = lobster_fx.instrument(model)
+    >>> sorted(lobster_fx.masks(gm))
+    ['0.bias', '0.weight', '2.bias', '2.weight']
+    >>> x = torch.randn(5, 4)
+    >>> torch.equal(gm(x), model(x))
+    True
+"""
+
+from __future__ import annotations
+
+import builtins
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+from torch.nn.utils import parametrize
+
+from lobster_fx.trace import LobsterGraphModule, TraceSummary, _shallow_copy_module, trace_model
+
+__all__ = [
+    "instrument",
+    "masks",
+    "default_filter",
+    "MaskedParam",
+    "InstrumentSummary",
+    "masked_parameters",
+    "lobster_info",
+    "unwrap",
+]
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+#: leaf modules whose own parameters are used inside them (module route)
+_NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+#: call_method names that only read metadata of a tensor
+_METADATA_METHODS = {"size", "dim", "numel", "type", "get_device", "is_floating_point", "is_contiguous", "stride"}
+
+
+def default_filter(module: nn.Module, fqn: str) -> bool:
+    """Default prunable set: every parameter except normalisation affine ones.
+
+    ``module`` is the module that owns the parameter, ``fqn`` the parameter's
+    fully qualified name. Norm layers are recognised by type, and by class name
+    for third-party norms (``LlamaRMSNorm``, timm's ``LayerNorm2d``...).
+    """
+    if isinstance(module, _NORM_TYPES):
+        return False
+    return "norm" not in type(module).__name__.lower()
+
+
+@dataclass
+class MaskedParam:
+    """Where one prunable parameter and its mask live in the instrumented module."""
+
+    name: str  #: the parameter's name in the original model (key of :func:`masks`)
+    param_path: str  #: path of the raw parameter in the instrumented module
+    mask_path: str  #: path of the mask buffer in the instrumented module
+    owner: str  #: qualified name of the owning module in the original model
+    route: str  #: "graph" (mask node in a traced graph) or "module" (parametrization)
+    shape: tuple[int, ...] = ()
+
+
+@dataclass
+class InstrumentSummary:
+    """What ``instrument`` did where; ``print(summary)`` shows a table."""
+
+    params: dict[str, MaskedParam] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    trace: TraceSummary = field(default_factory=TraceSummary)
+
+    def __str__(self) -> str:
+        rows = [f"{'parameter':40s} {'route':6s} {'shape'}"]
+        for p in self.params.values():
+            rows.append(f"{p.name:40s} {p.route:6s} {tuple(p.shape)}")
+        for name, why in self.skipped.items():
+            rows.append(f"{name:40s} {'-':6s} not masked: {why}")
+        n_graph = sum(p.route == "graph" for p in self.params.values())
+        head = (
+            f"lobster_fx.instrument: {len(self.params)} parameters masked "
+            f"({n_graph} in traced graphs, {len(self.params) - n_graph} at module level)"
+        )
+        return "\n".join([head, str(self.trace), *rows])
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The instrumented module inside a DDP / DataParallel / torch.compile wrapper."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def lobster_info(gm: nn.Module) -> InstrumentSummary:
+    """The summary ``instrument`` stored on ``gm``; TypeError if it was not instrumented."""
+    gm = unwrap(gm)
+    info = getattr(gm, "meta", {}).get("lobster") if isinstance(gm, GraphModule) else None
+    if info is None:
+        raise TypeError(
+            f"{type(gm).__name__} was not produced by lobster_fx.instrument (no masks found); "
+            "call gm = lobster_fx.instrument(model) first"
+        )
+    return info
+
+
+def masked_parameters(gm: nn.Module) -> Iterator[tuple[MaskedParam, torch.Tensor, torch.Tensor]]:
+    """Yield ``(info, raw parameter, mask)`` for every masked parameter of ``gm``.
+
+    Resolved on each call, so ``.to(device)`` and ``load_state_dict`` are safe.
+    """
+    gm = unwrap(gm)
+    for info in lobster_info(gm).params.values():
+        yield info, gm.get_parameter(info.param_path), gm.get_buffer(info.mask_path)
+
+
+def masks(gm: nn.Module) -> dict[str, torch.Tensor]:
+    """Mask per prunable parameter, keyed by the parameter's name in the original model.
+
+    The tensors are the live buffers: editing them edits the model's masks.
+    """
+    return {info.name: mask for info, _, mask in masked_parameters(gm)}
+
+
+class _Mask(nn.Module):
+    """Parametrization ``w -> w * mask`` for parameters used inside leaf modules."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.mask
+
+
+def _is_metadata_use(user: Node) -> bool:
+    if user.op == "call_function" and user.target is builtins.getattr:
+        return True
+    return user.op == "call_method" and user.target in _METADATA_METHODS
+
+
+def _resolve(root: nn.Module, target: str) -> object:
+    obj: object = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def instrument(model: nn.Module, *, filter_fn: FilterFn | None = None) -> LobsterGraphModule:
+    """Trace ``model`` and mask every prunable parameter.
+
+    Args:
+        model: any ``nn.Module``. It is not modified; the result shares its
+            parameters (train the result, the original sees the same weights).
+        filter_fn: ``filter_fn(module, fqn) -> bool`` decides which parameters
+            are prunable (``module`` owns the parameter, ``fqn`` is the
+            parameter's qualified name). Default: :func:`default_filter`.
+
+    Returns:
+        A :class:`~lobster_fx.trace.LobsterGraphModule`; its ``meta["lobster"]``
+        holds an :class:`InstrumentSummary` (``print(gm.meta["lobster"])``).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: no parameter is prunable, or one cannot be masked (the
+            message names the module and the parameter).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"lobster_fx.instrument expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(unwrap(model), GraphModule) and "lobster" in getattr(unwrap(model), "meta", {}):
+        raise ValueError("model is already instrumented by lobster_fx (call instrument on the original model)")
+    filter_fn = filter_fn or default_filter
+    modules = dict(model.named_modules())
+    prunable: dict[int, str] = {}  # id(param) -> original fqn (first name of a tied parameter)
+    owners: dict[int, str] = {}
+    for fqn, p in model.named_parameters():
+        owner_name = fqn.rpartition(".")[0]
+        if filter_fn(modules[owner_name], fqn) and p.requires_grad:
+            prunable[id(p)] = fqn
+            owners[id(p)] = owner_name
+    if not prunable:
+        raise ValueError(
+            f"{type(model).__name__} has no prunable parameters (filter_fn rejected all "
+            f"{sum(1 for _ in model.parameters())} parameters, or none requires grad)"
+        )
+
+    traced = trace_model(model)
+    gm = traced.module
+    summary = InstrumentSummary(trace=traced.summary)
+    original_ids = {id(m) for m in model.modules()}
+    mask_of: dict[int, torch.Tensor] = {}
+
+    def new_mask(p: torch.Tensor) -> torch.Tensor:
+        if id(p) not in mask_of:
+            mask_of[id(p)] = torch.ones_like(p, requires_grad=False)
+        return mask_of[id(p)]
+
+    # graph route: every get_attr of a prunable parameter in every traced (sub)graph
+    for sub_path, sub in list(gm.named_modules()):
+        if not isinstance(sub, LobsterGraphModule):
+            continue
+        prefix = f"{sub_path}." if sub_path else ""
+        for graph in {id(g): g for g in sub.mode_graphs.values()}.values():
+            for node in list(graph.nodes):
+                if node.op != "get_attr":
+                    continue
+                p = _resolve(sub, node.target)
+                if not isinstance(p, nn.Parameter) or id(p) not in prunable:
+                    continue
+                container_path, _, attr = node.target.rpartition(".")
+                container = sub.get_submodule(container_path)
+                if id(container) in original_ids:
+                    continue  # a leaf module of the original: masked at module level below
+                mask_attr = f"{attr}_mask"
+                while hasattr(container, mask_attr) and getattr(container, mask_attr) is not mask_of.get(id(p)):
+                    mask_attr = f"{mask_attr}_"
+                mask = new_mask(p)
+                if not hasattr(container, mask_attr):
+                    container.register_buffer(mask_attr, mask)
+                name = prunable[id(p)]
+                mask_target = f"{container_path}.{mask_attr}" if container_path else mask_attr
+                users = [u for u in node.users if not _is_metadata_use(u)]
+                if users:
+                    with graph.inserting_after(node):
+                        mask_node = graph.get_attr(mask_target)
+                    with graph.inserting_after(mask_node):
+                        mul = graph.call_function(torch.mul, (node, mask_node))
+                    mul.meta["lobster_mask"] = name
+                    for u in users:
+                        u.replace_input_with(node, mul)
+                summary.params.setdefault(
+                    name,
+                    MaskedParam(name, prefix + node.target, prefix + mask_target, owners[id(p)], "graph", tuple(p.shape)),
+                )
+
+    # module route: prunable parameters no traced graph uses directly
+    for pid, name in prunable.items():
+        if name in summary.params:
+            continue
+        _mask_at_module_level(gm, model, pid, name, owners[pid], original_ids, new_mask, summary)
+
+    for sub in gm.modules():
+        if isinstance(sub, LobsterGraphModule):
+            sub.recompile_all()
+    gm.meta["lobster"] = summary
+    return gm
+
+
+def _find_param_owner(gm: nn.Module, pid: int) -> tuple[str, str] | None:
+    for mod_path, mod in gm.named_modules(remove_duplicate=False):
+        for attr, p in mod._parameters.items():
+            if p is not None and id(p) == pid:
+                return mod_path, attr
+    return None
+
+
+def _mask_at_module_level(gm, model, pid, name, owner_name, original_ids, new_mask, summary) -> None:
+    found = _find_param_owner(gm, pid)
+    if found is None:
+        # parameter of a subtree the instrumented module never calls: nothing uses it
+        summary.skipped[name] = "not used by the traced forward"
+        return
+    mod_path, attr = found
+    # never parametrize a module object of the original model: swap in a copy sharing its tensors
+    parent: nn.Module = gm
+    walked = []
+    for part in mod_path.split(".") if mod_path else []:
+        child = getattr(parent, part)
+        if id(child) in original_ids:
+            setattr(parent, part, _shallow_copy_module(child))
+            child = getattr(parent, part)
+        walked.append(part)
+        parent = child
+    owner = gm.get_submodule(mod_path)
+    p = owner._parameters[attr]
+    try:
+        parametrize.register_parametrization(owner, attr, _Mask(new_mask(p)))
+    except Exception as e:  # noqa: BLE001 - re-raised with the module and parameter named
+        raise ValueError(
+            f"lobster_fx.instrument: cannot mask parameter {name!r} of module {owner_name!r} "
+            f"({type(owner).__name__}): {type(e).__name__}: {e}"
+        ) from e
+    base = f"{mod_path}.parametrizations.{attr}" if mod_path else f"parametrizations.{attr}"
+    summary.params[name] = MaskedParam(
+        name, f"{base}.original", f"{base}.0.mask", owner_name, "module", tuple(p.shape)
+    )
