@@ -1,0 +1,108 @@
+"""The pruning phase: threshold guarantee, evaluation count, edge cases, errors."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lobster_fx
+from lobster_fx.instrument import masked_parameters
+
+
+def _known_loss_model(seed=0):
+    torch.manual_seed(seed)
+    gm = lobster_fx.instrument(nn.Sequential(nn.Linear(20, 10), nn.Linear(10, 5)))
+    originals = {n: p.detach().clone() for n, p in gm.named_parameters()}
+    seen = []
+
+    def evaluate(model):
+        # loss = 1 + sum of squares of the zeroed weights: known for any threshold
+        lost = sum(float(originals[n][p == 0].square().sum()) for n, p in model.named_parameters())
+        seen.append(min((float(p.detach().abs()[p != 0].min()) for _, p in model.named_parameters()), default=math.inf))
+        return 1.0 + lost
+
+    return gm, originals, evaluate, seen
+
+
+def _largest_admissible_threshold(originals, twt):
+    mags = torch.cat([w.abs().flatten() for w in originals.values()]).double()
+    best = -math.inf
+    for t in torch.unique(mags):  # by hand: try every candidate
+        if 1.0 + float(mags[mags <= t].square().sum()) <= 1.0 + twt:
+            best = float(t)
+    return best
+
+
+@pytest.mark.parametrize("twt", [0.05, 0.3, 1.0])
+def test_threshold_is_largest_admissible_and_evaluated(twt):
+    gm, originals, evaluate, seen = _known_loss_model()
+    n = sum(w.numel() for w in originals.values())
+    result = lobster_fx.prune(gm, evaluate, twt)
+    expected = _largest_admissible_threshold(originals, twt)
+    assert result.threshold == pytest.approx(expected, rel=1e-6)
+    assert result.loss_after <= (1 + twt) * result.loss_before
+    assert result.loss_after == pytest.approx(evaluate(gm))  # the state we kept was evaluated
+    assert result.evaluations <= math.ceil(math.log2(n + 1)) + 2
+    assert result.pruned == sum(int((w.abs() <= result.threshold).sum()) for w in originals.values())
+    for info, p, mask in masked_parameters(gm):
+        w = originals[info.name]
+        assert torch.equal(mask == 0, w.abs() <= result.threshold)
+        assert torch.equal(p.detach(), w * mask)
+
+
+def test_pruned_stay_pinned_across_rounds():
+    gm, originals, evaluate, _ = _known_loss_model()
+    lobster_fx.prune(gm, evaluate, 0.05)
+    first = {k: v.clone() for k, v in lobster_fx.masks(gm).items()}
+    with torch.no_grad():  # weights that were pruned would come back if not pinned
+        for _, p, mask in masked_parameters(gm):
+            p.add_(1.0).mul_(mask)
+    lobster_fx.prune(gm, lambda m: 1.0, 0.05)
+    for k, mask in lobster_fx.masks(gm).items():
+        assert torch.all(mask[first[k] == 0] == 0)
+
+
+def test_twt_zero_prunes_only_free_weights():
+    gm = lobster_fx.instrument(nn.Linear(4, 3))
+    with torch.no_grad():
+        gm.get_parameter("bias").zero_()
+    x = torch.randn(16, 4)
+    y = gm(x).detach()  # any change but zeroing the zero bias costs loss
+    result = lobster_fx.prune(gm, lambda m: float(nn.functional.mse_loss(m(x), y)), 0.0)
+    assert result.pruned == 3  # only the zero bias costs nothing
+    assert torch.all(lobster_fx.masks(gm)["weight"] == 1)
+
+
+def test_all_zero_layer_and_nothing_left():
+    gm = lobster_fx.instrument(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)))
+    with torch.no_grad():
+        gm.get_parameter("0.weight").zero_()
+    result = lobster_fx.prune(gm, lambda m: 1.0, 0.1)  # flat loss: everything goes
+    assert result.remaining == 0 and result.pruned == result.total
+    again = lobster_fx.prune(gm, lambda m: 1.0, 0.1)
+    assert again.pruned == 0 and again.threshold == -math.inf and again.evaluations == 1
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan")])
+def test_bad_twt(bad):
+    gm = lobster_fx.instrument(nn.Linear(4, 3))
+    with pytest.raises(ValueError, match="twt"):
+        lobster_fx.prune(gm, lambda m: 1.0, bad)
+
+
+def test_nan_loss_is_an_error_and_model_untouched():
+    gm = lobster_fx.instrument(nn.Linear(4, 3))
+    state = {k: v.clone() for k, v in gm.state_dict().items()}
+    calls = []
+
+    def evaluate(model):
+        calls.append(1)
+        return 1.0 if len(calls) < 3 else float("nan")
+
+    with pytest.raises(ValueError, match="nan"):
+        lobster_fx.prune(gm, evaluate, 0.1)
+    for k, v in gm.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    with pytest.raises(ValueError, match="nan"):
+        lobster_fx.prune(gm, lambda m: float("nan"), 0.1)

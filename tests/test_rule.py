@@ -1,0 +1,237 @@
+"""The LOBSTER rule against eq. (6) computed by hand, under every optimizer setting."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lobster_fx
+from lobster_fx.instrument import masked_parameters
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def _data(seed=1, n=16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g), torch.randn(n, 3, generator=g)
+
+
+def _grads(model, x, y, scale=1.0):
+    model.zero_grad()
+    (nn.functional.mse_loss(model(x), y) * scale).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def hand_eq6(w, g, eta, lmbda):
+    # eq. (6) of the paper: w_t = w_{t-1} - eta*g - lambda*w_{t-1}*relu(1-|g|)
+    shrink = torch.where(1 - g.abs() > 0, 1 - g.abs(), torch.zeros_like(g))
+    return w - eta * g - lmbda * w * shrink
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sgd_matches_eq6_by_hand(dtype):
+    model = _model().to(dtype)
+    gm = lobster_fx.instrument(model)
+    x, y = (t.to(dtype) for t in _data())
+    eta, lmbda = 0.1, 0.05  # large lambda so the term is far above rounding
+    opt = torch.optim.SGD(gm.parameters(), lr=eta)
+    lobster_fx.Lobster(gm, opt, lmbda=lmbda)
+    for _ in range(3):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        grads = _grads(gm, x, y)
+        opt.step()
+        for n, p in model.named_parameters():
+            expected = hand_eq6(before[n], grads[n], eta, lmbda)
+            tol = 1e-15 if dtype == torch.float64 else 1e-7  # rounding of eta*g only
+            torch.testing.assert_close(p.detach(), expected, rtol=0, atol=tol)
+            assert not torch.equal(p.detach(), before[n] - eta * grads[n])  # the term did act
+
+
+def test_large_gradients_get_plain_sgd():
+    gm = lobster_fx.instrument(nn.Linear(3, 1, bias=False))
+    opt = torch.optim.SGD(gm.parameters(), lr=0.01)
+    lobster_fx.Lobster(gm, opt, lmbda=0.5)
+    w = gm.get_parameter("weight")
+    before = w.detach().clone()
+    w.grad = torch.tensor([[2.0, -1.5, 0.5]])
+    opt.step()
+    expected = before - 0.01 * w.grad
+    expected[0, 2] -= 0.5 * before[0, 2] * 0.5
+    torch.testing.assert_close(w.detach(), expected)
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3),
+        lambda ps: torch.optim.Adam(ps, lr=1e-2),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+        lambda ps: torch.optim.RMSprop(ps, lr=1e-2),
+    ],
+    ids=["sgd-momentum-wd", "adam", "adamw", "rmsprop"],
+)
+def test_any_optimizer_is_own_update_plus_decoupled_term(make_opt):
+    lmbda = 0.02
+    ref = _model()
+    gm = lobster_fx.instrument(copy.deepcopy(ref))
+    ref_opt, opt = make_opt(ref.parameters()), make_opt(gm.parameters())
+    lobster_fx.Lobster(gm, opt, lmbda=lmbda)
+    x, y = _data()
+    ref_params = dict(ref.named_parameters())
+    for _ in range(4):
+        # the reference: the optimizer's own update, then the term computed at w_{t-1}
+        before = {n: p.detach().clone() for n, p in ref_params.items()}
+        grads = _grads(ref, x, y)
+        ref_opt.step()
+        with torch.no_grad():
+            for n, p in ref_params.items():
+                p.sub_(lmbda * before[n] * torch.relu(1 - grads[n].abs()))
+        _grads(gm, x, y)
+        opt.step()
+    for n, p in ref_params.items():
+        torch.testing.assert_close(gm.get_parameter(n), p, rtol=1e-6, atol=1e-7)
+
+
+def test_gradient_accumulation_runs_rule_once_on_accumulated_gradient():
+    model = _model()
+    gm = lobster_fx.instrument(model)
+    eta, lmbda = 0.1, 0.05
+    opt = torch.optim.SGD(gm.parameters(), lr=eta)
+    rule = lobster_fx.Lobster(gm, opt, lmbda=lmbda)
+    x, y = _data(n=32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.zero_grad()
+    for xb, yb in zip(x.chunk(4), y.chunk(4)):
+        (nn.functional.mse_loss(gm(xb), yb) / 4).backward()
+    accumulated = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt.step()
+    assert rule.steps == 1
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), hand_eq6(before[n], accumulated[n], eta, lmbda), rtol=0, atol=1e-7)
+
+
+def test_grad_scaler_sees_unscaled_gradient_and_skipped_step_skips_rule():
+    model = _model()
+    gm = lobster_fx.instrument(model)
+    eta, lmbda = 0.1, 0.05
+    opt = torch.optim.SGD(gm.parameters(), lr=eta)
+    rule = lobster_fx.Lobster(gm, opt, lmbda=lmbda)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x, y = _data()
+    true_grads = _grads(copy.deepcopy(model), x, y)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.zero_grad()
+    scaler.scale(nn.functional.mse_loss(gm(x), y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert rule.steps == 1
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), hand_eq6(before[n], true_grads[n], eta, lmbda), rtol=1e-6, atol=1e-7)
+    # an inf gradient: GradScaler skips the step, and the rule with it
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.zero_grad()
+    scaler.scale(nn.functional.mse_loss(gm(x), y)).backward()
+    next(iter(gm.parameters())).grad[0, 0] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+    assert rule.steps == 1
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n])
+
+
+def _prune_half(gm):
+    with torch.no_grad():
+        for _, p, mask in masked_parameters(gm):
+            mask.copy_((torch.arange(mask.numel()) % 2).view_as(mask).to(mask.dtype))
+            p.mul_(mask)
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1),
+        lambda ps: torch.optim.Adam(ps, lr=0.1, weight_decay=0.1),
+        lambda ps: torch.optim.AdamW(ps, lr=0.1),
+    ],
+    ids=["sgd-momentum-wd", "adam-wd", "adamw"],
+)
+def test_pruned_parameters_stay_exactly_zero(make_opt):
+    from lobster_fx.instrument import masked_parameters
+
+    gm = lobster_fx.instrument(_model())
+    opt = make_opt(gm.parameters())
+    lobster_fx.Lobster(gm, opt, lmbda=1e-3)
+    x, y = _data()
+    for _ in range(3):  # build up momentum / Adam state while everything is alive
+        _grads(gm, x, y)
+        opt.step()
+    _prune_half(gm)
+    for _ in range(5):
+        _grads(gm, x, y)
+        opt.step()
+    for _, p, mask in masked_parameters(gm):
+        assert torch.all(p[mask == 0] == 0)
+        assert torch.all((p * mask)[mask == 0] == 0)
+        assert torch.all(p[mask == 1] != 0)
+
+
+def test_parameters_without_gradient_are_skipped():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"used": nn.Linear(3, 2), "unused": nn.Linear(3, 2)})
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, x):
+            return self.m["used"](x)
+
+    gm = lobster_fx.instrument(Wrapper())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    lobster_fx.Lobster(gm, opt, lmbda=0.1)
+    unused = model["unused"].weight.detach().clone()
+    gm(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    assert torch.equal(model["unused"].weight, unused)
+
+
+def test_remove_detaches_and_state_dict_roundtrip():
+    gm = lobster_fx.instrument(_model())
+    eta = 0.1
+    opt = torch.optim.SGD(gm.parameters(), lr=eta)
+    rule = lobster_fx.Lobster(gm, opt, lmbda=0.05)
+    x, y = _data()
+    _grads(gm, x, y)
+    opt.step()
+    state = rule.state_dict()
+    rule.remove()
+    before = {n: p.detach().clone() for n, p in gm.named_parameters()}
+    grads = _grads(gm, x, y)
+    opt.step()
+    for n, p in gm.named_parameters():
+        torch.testing.assert_close(p.detach(), before[n] - eta * grads[n])
+    other = lobster_fx.Lobster(gm, torch.optim.SGD(gm.parameters(), lr=eta), lmbda=1.0)
+    other.load_state_dict(state)
+    assert other.lmbda == 0.05 and other.steps == 1
+
+
+@pytest.mark.parametrize("bad", [-1e-4, float("nan"), float("inf")])
+def test_bad_lambda_is_a_clear_error(bad):
+    gm = lobster_fx.instrument(_model())
+    opt = torch.optim.SGD(gm.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="lmbda"):
+        lobster_fx.Lobster(gm, opt, lmbda=bad)
+    assert not opt._optimizer_step_pre_hooks
+
+
+def test_optimizer_without_model_parameters_is_an_error():
+    gm = lobster_fx.instrument(_model())
+    with pytest.raises(ValueError, match="none of the instrumented"):
+        lobster_fx.Lobster(gm, torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="not produced by lobster_fx.instrument"):
+        lobster_fx.Lobster(_model(), torch.optim.SGD(_model().parameters(), lr=0.1))
