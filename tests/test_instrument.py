@@ -1,0 +1,230 @@
+"""instrument: masks everywhere, bit-identical outputs in both modes, fallbacks, errors."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import lobster_fx
+from lobster_fx.instrument import masked_parameters
+
+# a sample of torchvision classification models in CI, chosen to cover what breaks
+# naive tracing: stochastic depth (convnext, efficientnet, swin, maxvit), auxiliary
+# heads (googlenet), MultiheadAttention (vit), squeeze-excite (mobilenet_v3).
+SAMPLE = [
+    ("resnet18", 64),
+    ("googlenet", 64),
+    ("convnext_tiny", 64),
+    ("efficientnet_b0", 64),
+    ("mobilenet_v3_small", 64),
+    ("swin_t", 64),
+    ("vit_b_16", 224),
+    ("maxvit_t", 224),
+]
+
+
+def _outputs_equal(a, b):
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_outputs_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_outputs_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _check_both_modes(model, gm, *inputs):
+    for mode in (False, True, False):
+        model.train(mode)
+        gm.train(mode)
+        # train mode runs with autograd on, as in training (with autograd off and
+        # dropout on, SDPA may pick another kernel for a parametrized MHA)
+        with torch.set_grad_enabled(mode):
+            torch.manual_seed(123)
+            expected = model(*inputs)
+            torch.manual_seed(123)
+            got = gm(*inputs)
+        assert _outputs_equal(expected, got), f"outputs differ in {'train' if mode else 'eval'} mode"
+
+
+@pytest.mark.parametrize("name,size", SAMPLE, ids=[n for n, _ in SAMPLE])
+def test_torchvision_bit_identical_in_both_modes(name, size):
+    torch.manual_seed(0)
+    kwargs = {"aux_logits": True, "init_weights": False} if name == "googlenet" else {}
+    model = torchvision.models.get_model(name, weights=None, num_classes=10, **kwargs)
+    if name == "vit_b_16":  # keep CI fast: two encoder layers are enough to cover the route
+        model.encoder.layers = model.encoder.layers[:2]
+    model.eval()  # instrumented in eval mode, then switched to train mode in the check
+    gm = lobster_fx.instrument(model)
+    assert isinstance(gm, torch.fx.GraphModule)
+    x = torch.randn(2, 3, size, size)
+    _check_both_modes(model, gm, x)
+    masked = lobster_fx.masks(gm)
+    for fqn, p in model.named_parameters():
+        owner = model.get_submodule(fqn.rpartition(".")[0])
+        if lobster_fx.default_filter(owner, fqn):
+            assert fqn in masked, fqn
+            assert masked[fqn].shape == p.shape and torch.all(masked[fqn] == 1)
+        else:
+            assert fqn not in masked, fqn
+
+
+def test_masks_apply_in_forward_and_are_in_state_dict():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    gm = lobster_fx.instrument(model).eval()
+    model.eval()
+    assert set(lobster_fx.masks(gm)) == {"0.weight", "0.bias", "4.weight", "4.bias"}  # BN excluded
+    assert {"0.weight_mask", "4.weight_mask"} <= set(gm.state_dict())
+    m = lobster_fx.masks(gm)["4.weight"]
+    m.bernoulli_(0.5)
+    x = torch.randn(2, 3, 8, 8)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        ref[4].weight.mul_(m)
+    torch.testing.assert_close(gm(x), ref(x), rtol=0, atol=0)
+    # gradients of masked entries are zero
+    gm(x).sum().backward()
+    assert torch.all(gm.get_parameter("4.weight").grad[m == 0] == 0)
+
+
+def test_tied_parameter_gets_one_mask():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.head = nn.Linear(8, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, idx):
+            return self.head(self.emb(idx))
+
+    model = Tied()
+    gm = lobster_fx.instrument(model)
+    assert list(lobster_fx.masks(gm)) == ["emb.weight"]
+    idx = torch.randint(0, 10, (4,))
+    assert torch.equal(gm(idx), model(idx))
+    lobster_fx.masks(gm)["emb.weight"][3].zero_()
+    out = gm(idx)
+    ref_w = model.emb.weight.detach().clone()
+    ref_w[3] = 0
+    torch.testing.assert_close(out, nn.functional.embedding(idx, ref_w) @ ref_w.T, rtol=0, atol=0)
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+        self.scale = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: FX cannot trace this
+            return self.inner(x) * self.scale
+        return self.inner(x) - self.scale
+
+
+class _Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = _Untraceable()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.block(x))
+
+
+def test_untraceable_submodule_falls_back_and_masks_everything():
+    torch.manual_seed(0)
+    model = _Outer()
+    gm = lobster_fx.instrument(model)
+    info = gm.meta["lobster"]
+    assert set(lobster_fx.masks(gm)) == {"block.inner.weight", "block.inner.bias", "block.scale", "head.weight", "head.bias"}
+    assert info.params["block.scale"].route == "module"
+    assert "block" in info.trace.opaque and "block.inner" in info.trace.traced
+    assert "opaque" in str(info)
+    for x in (torch.ones(3, 4), -torch.ones(3, 4)):  # both branches
+        assert torch.equal(gm(x), model(x))
+    lobster_fx.masks(gm)["block.scale"].zero_()
+    x = torch.ones(3, 4)
+    torch.testing.assert_close(gm(x), model.head(model.block.inner(x) * 0), rtol=0, atol=0)
+    # the original model was not modified
+    assert type(model.block) is _Untraceable and not hasattr(model.block, "parametrizations")
+
+
+def test_multihead_attention_masked_at_module_level():
+    torch.manual_seed(0)
+    model = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
+    gm = lobster_fx.instrument(model)
+    routes = {k: v.route for k, v in gm.meta["lobster"].params.items()}
+    assert routes["self_attn.in_proj_weight"] == "module" and routes["linear1.weight"] == "graph"
+    x = torch.randn(2, 5, 16)
+    _check_both_modes(model, gm, x)
+    lobster_fx.masks(gm)["self_attn.in_proj_weight"].zero_()
+    gm.eval()
+    out = gm(x)
+    ref = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        ref.self_attn.in_proj_weight.zero_()
+    torch.testing.assert_close(out, ref(x), rtol=0, atol=0)
+
+
+def test_detection_model_instruments_and_keeps_outputs():
+    torch.manual_seed(0)
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=3
+    )
+    model.eval()
+    gm = lobster_fx.instrument(model)
+    info = gm.meta["lobster"]
+    assert "" in info.trace.opaque  # the top level iterates over a list of images
+    assert any(q.startswith("backbone") for q in info.trace.traced)
+    n_prunable = sum(
+        p.numel() for f, p in model.named_parameters() if lobster_fx.default_filter(model.get_submodule(f.rpartition(".")[0]), f)
+    )
+    assert sum(m.numel() for m in lobster_fx.masks(gm).values()) == n_prunable
+    images = [torch.rand(3, 120, 160), torch.rand(3, 100, 100)]
+    with torch.no_grad():
+        assert _outputs_equal(model(images), gm(images))
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 50.0, 60.0]]), "labels": torch.tensor([1])}] * 2
+    model.train()
+    gm.train()
+    torch.manual_seed(1)
+    expected = model(images, targets)
+    torch.manual_seed(1)
+    got = gm(images, targets)
+    assert _outputs_equal(expected, got)
+
+
+def test_filter_fn_overrides_default():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    gm = lobster_fx.instrument(model, filter_fn=lambda module, fqn: fqn.endswith("weight"))
+    assert set(lobster_fx.masks(gm)) == {"0.weight", "1.weight"}
+
+
+def test_bad_input_is_a_clear_error_and_nothing_modified():
+    with pytest.raises(TypeError, match="nn.Module"):
+        lobster_fx.instrument("not a model")
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.ReLU())
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="no prunable parameters"):
+        lobster_fx.instrument(model)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="no prunable parameters"):
+        lobster_fx.instrument(nn.ReLU())
+    gm = lobster_fx.instrument(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="already instrumented"):
+        lobster_fx.instrument(gm)
+
+
+def test_shares_parameters_with_original_and_deepcopy_keeps_modes():
+    torch.manual_seed(0)
+    model = torchvision.models.get_model("convnext_tiny", weights=None, num_classes=4)
+    gm = lobster_fx.instrument(model)
+    assert gm.get_parameter("classifier.2.weight") is model.classifier[2].weight
+    clone = copy.deepcopy(gm)
+    assert clone.get_parameter("classifier.2.weight") is not model.classifier[2].weight
+    x = torch.randn(1, 3, 32, 32)
+    _check_both_modes(model, clone, x)
+    assert sum(1 for _ in masked_parameters(clone)) == len(lobster_fx.masks(gm))
