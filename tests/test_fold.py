@@ -1,0 +1,60 @@
+"""fold: masks multiplied in, masks gone, bit-identical outputs, original names."""
+
+import torch
+import torchvision
+from torch import nn
+
+import lobster_fx
+from lobster_fx.models import LeNet5
+
+
+def _random_masks(gm, keep=0.1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mask in lobster_fx.masks(gm).values():
+            mask.copy_((torch.rand(mask.shape, generator=g) < keep).to(mask.dtype))
+
+
+def test_fold_lenet5_bit_identical_and_masks_gone():
+    torch.manual_seed(0)
+    model = LeNet5()
+    gm = lobster_fx.instrument(model)
+    _random_masks(gm)
+    folded = lobster_fx.fold(gm)
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(folded(x), gm(x))
+    assert sorted(folded.state_dict()) == sorted(model.state_dict())
+    for graph in folded.mode_graphs.values():
+        assert not any("lobster_mask" in n.meta or "mask" in str(n.target) for n in graph.nodes)
+    assert "lobster" not in folded.meta
+    # the instrumented module is untouched and still masks
+    assert lobster_fx.masks(gm)["fc1.weight"].sum() < lobster_fx.masks(gm)["fc1.weight"].numel()
+    report = lobster_fx.sparsity_report(folded)
+    assert report.nonzero == lobster_fx.sparsity_report(gm).nonzero
+
+
+def test_fold_module_route_and_both_modes():
+    torch.manual_seed(0)
+    model = torchvision.models.get_model("vit_b_16", weights=None, num_classes=5)
+    model.encoder.layers = model.encoder.layers[:1]
+    gm = lobster_fx.instrument(model)
+    _random_masks(gm, keep=0.5)
+    folded = lobster_fx.fold(gm)
+    assert not any(hasattr(m, "parametrizations") for m in folded.modules())
+    assert sorted(folded.state_dict()) == sorted(model.state_dict())
+    x = torch.randn(1, 3, 224, 224)
+    for mode in (False, True):
+        gm.train(mode)
+        folded.train(mode)
+        with torch.set_grad_enabled(mode):
+            torch.manual_seed(5)
+            a = gm(x)
+            torch.manual_seed(5)
+            b = folded(x)
+        assert torch.equal(a, b)
+
+
+def test_fold_of_plain_module_is_a_copy():
+    model = nn.Linear(3, 2)
+    folded = lobster_fx.fold(model)
+    assert folded is not model and torch.equal(folded.weight, model.weight)
