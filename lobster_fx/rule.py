@@ -71,7 +71,7 @@ class Lobster:
             )
         self.optimizer = optimizer
         self.steps = 0
-        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self._pending: tuple | None = None
         self._handles = [
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
@@ -90,33 +90,44 @@ class Lobster:
 
     @torch.no_grad()
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict[str, Any]) -> None:
-        self._pending = []
+        self._pending = None
         # fused optimizers under GradScaler get still-scaled grads plus these two
         found_inf = kwargs.get("found_inf")
         if found_inf is not None and float(found_inf) != 0.0:
             return
-        grad_scale = kwargs.get("grad_scale")
         in_optimizer = self._optimizer_param_ids(optimizer)
+        params, masks, grads = [], [], []
         for _, p, mask in masked_parameters(self.gm):
-            if id(p) not in in_optimizer or p.grad is None:
-                continue
-            delta = None
-            if self.lmbda > 0:
-                g = p.grad.to_dense() if p.grad.is_sparse else p.grad
-                if grad_scale is not None:
-                    g = g / grad_scale
-                delta = lobster_delta(p.detach(), g, self.lmbda)
-            self._pending.append((p, mask, delta))
+            if id(p) in in_optimizer and p.grad is not None:
+                params.append(p)
+                masks.append(mask)
+                grads.append(p.grad.to_dense() if p.grad.is_sparse else p.grad)
+        deltas = None
+        if self.lmbda > 0 and params:
+            # lmbda * w * relu(1 - |g|), as foreach ops: one kernel launch per op, not per tensor
+            deltas = torch._foreach_abs(grads)
+            grad_scale = kwargs.get("grad_scale")
+            if grad_scale is not None:
+                torch._foreach_div_(deltas, grad_scale)
+            torch._foreach_neg_(deltas)
+            torch._foreach_add_(deltas, 1.0)
+            torch._foreach_clamp_min_(deltas, 0.0)
+            torch._foreach_mul_(deltas, [p.detach() for p in params])
+            torch._foreach_mul_(deltas, self.lmbda)
+        self._pending = (params, masks, deltas)
 
     @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict[str, Any]) -> None:
         if not self._pending:
             return
-        for p, mask, delta in self._pending:
-            if delta is not None:
-                p.sub_(delta)
-            p.mul_(mask)  # pruned entries stay exactly zero whatever the optimizer did
-        self._pending = []
+        params, masks, deltas = self._pending
+        self._pending = None
+        if not params:
+            return
+        params = [p.detach() for p in params]
+        if deltas is not None:
+            torch._foreach_sub_(params, deltas)
+        torch._foreach_mul_(params, masks)  # pruned entries stay exactly zero whatever the optimizer did
         self.steps += 1
 
     def remove(self) -> None:
