@@ -104,3 +104,42 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
             c[0] += p.numel()
             c[1] += int(torch.count_nonzero(p))
     return SparsityReport([LayerSparsity(name, n, nz) for name, (n, nz) in counts.items()])
+
+
+def plot_layers(report: SparsityReport, path: str, title: str = "remaining parameters per layer") -> None:
+    """PNG bar chart of each layer's remaining percentage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(report.layers) + 2), 3.5))
+    ax.bar([layer.name for layer in report.layers], [layer.remaining_pct for layer in report.layers])
+    ax.set_ylabel("remaining %")
+    ax.set_title(f"{title} ({report.compression_ratio:.1f}x)")
+    ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_training(log: list[dict], path: str, title: str = "LOBSTER training") -> None:
+    """PNG of compression ratio and test error over epochs, from a training log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [e["epoch"] for e in log]
+    fig, ax1 = plt.subplots(figsize=(6, 3.5))
+    ax1.plot(epochs, [e["compression"] for e in log], color="tab:blue")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("compression (x)", color="tab:blue")
+    ax1.set_yscale("log")
+    ax2 = ax1.twinx()
+    ax2.plot(epochs, [e["test_error"] for e in log], color="tab:red")
+    ax2.set_ylabel("test error (%)", color="tab:red")
+    ax1.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -61,6 +61,7 @@ class TrainConfig:
     max_minutes: float | None = None  #: stop (with a checkpoint) after this much wall time
     out_dir: str | None = None  #: checkpoint.pt and log.json go here
     progress: bool = True
+    checkpoint_every: int = 1  #: epochs between checkpoints (the last epoch is always saved)
     eval_batch_size: int = 5000
 
     def to_dict(self) -> dict[str, Any]:
@@ -219,7 +220,9 @@ def train(
         if bar is not None:
             bar.set_postfix(val=f"{v_loss:.3f}", test_err=f"{t_err:.2f}%", comp=f"{rep.compression_ratio:.1f}x")
             bar.update(1)
-        if ckpt is not None:
+        stopping = config.max_minutes is not None and elapsed > 60 * config.max_minutes
+        last = stopping or epoch + 1 == config.epochs
+        if ckpt is not None and ((epoch + 1) % config.checkpoint_every == 0 or last):
             atomic_save(
                 {
                     "config": config.to_dict(), "model": gm.state_dict(), "optimizer": opt.state_dict(),
@@ -229,7 +232,7 @@ def train(
                 ckpt,
             )
             _atomic_write_text(json.dumps({"config": config.to_dict(), "log": log}, indent=1), out / "log.json")
-        if config.max_minutes is not None and elapsed > 60 * config.max_minutes:
+        if stopping:
             break
     if bar is not None:
         bar.close()

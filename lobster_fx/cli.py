@@ -1,0 +1,244 @@
+"""``lobster-fx`` command line: demo (the main job), train, export, bench, report.
+
+Run ``lobster-fx demo`` on a fresh install: it needs no network and no download.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+__all__ = ["main", "run_demo"]
+
+
+def _load_checkpoint_model(path: str):
+    """Rebuild the instrumented model of a ``lobster-fx train`` checkpoint."""
+    from lobster_fx.instrument import instrument
+    from lobster_fx.train import TrainConfig, build_model, load_splits
+
+    state = torch.load(path, weights_only=False)
+    config = TrainConfig(**state["config"])
+    splits = load_splits(config)
+    gm = instrument(build_model(config, splits))
+    gm.load_state_dict(state["model"])
+    return gm, config, splits, state
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+def run_demo(out: Path, *, dataset: str = "digits", data_root: str | None = None, epochs: int | None = None,
+             bench_rounds: int = 5, progress: bool = True) -> dict[str, Any]:
+    """Train LeNet-300 with LOBSTER, prune, fold, slim, export, benchmark; write report.json."""
+    from lobster_fx.bench import benchmark
+    from lobster_fx.export import export_onnx
+    from lobster_fx.fold import fold
+    from lobster_fx.report import plot_layers, plot_training, sparsity_report
+    from lobster_fx.slim import slim_with_report
+    from lobster_fx.train import TrainConfig, evaluate, train
+
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    if dataset == "digits":
+        config = TrainConfig(model="lenet300", dataset="digits", epochs=epochs or 150, batch_size=32, lr=0.05,
+                             lmbda=1e-3, twt=0.05, pwe=5, out_dir=str(out / "train"), progress=progress)
+    else:
+        config = TrainConfig(model="lenet300", dataset=dataset, data_root=data_root, epochs=epochs or 30,
+                             batch_size=100, lr=0.1, lmbda=1e-4, twt=0.05, pwe=3, out_dir=str(out / "train"),
+                             progress=progress)
+    result = train(config, resume=False)
+    gm, splits = result.gm, result.splits
+    folded = fold(gm).eval()
+    _, test_error = evaluate(folded, splits.test)
+    sparsity = sparsity_report(gm)
+    example = splits.test.x[:1]
+
+    files = {"dense": out / "dense.onnx", "sparse": out / "sparse.onnx", "slim": out / "slim.onnx"}
+    exports = {
+        "dense": export_onnx(folded, example, files["dense"], sparse=False, slim=False),
+        "sparse": export_onnx(folded, example, files["sparse"], sparse=True, slim=False),
+        "slim": export_onnx(folded, example, files["slim"], sparse=True, slim=True),
+    }
+    slim_result = slim_with_report(folded, (example,))
+    slimmed, slim_report = slim_result.module, slim_result.report
+    _, slim_test_error = evaluate(slimmed, splits.test)
+    bench = benchmark({k: str(v) for k, v in files.items()}, batch_sizes=(1, 64), example_input=example,
+                      rounds=bench_rounds, baseline="dense")
+    plot_layers(sparsity, str(out / "layers.png"))
+    plot_training(result.log, str(out / "training.png"))
+
+    bench_d = bench.to_dict()
+    latency = {
+        name: {str(b): stats["median_ms"] for b, stats in model["latency"].items()}
+        for name, model in bench_d["models"].items()
+    }
+    report = {
+        "model": config.model,
+        "dataset": config.dataset,
+        "compression_ratio": sparsity.compression_ratio,
+        "test_error": test_error,
+        "slim_test_error": slim_test_error,
+        "epochs": len(result.log),
+        "train_seconds": result.wall_seconds,
+        "layers": [{"name": layer.name, "numel": layer.numel, "nonzero": layer.nonzero} for layer in sparsity.layers],
+        "slim": {"params_before": slim_report.params_before, "params_after": slim_report.params_after},
+        "onnx": {name: e.file_bytes for name, e in exports.items()},
+        "onnx_reports": {name: e.to_dict() for name, e in exports.items()},
+        "latency_ms": latency,
+        "benchmark": bench_d,
+        "prunings": [e["pruned"] for e in result.log if e["pruned"]],
+        "total_seconds": time.perf_counter() - t0,
+    }
+    _write_json(report, out / "report.json")
+    return report
+
+
+def _print_demo_summary(report: dict[str, Any], out: Path) -> None:
+    dense_bytes = report["onnx"]["dense"]
+    lat = report["latency_ms"]
+    print()
+    print(f"LOBSTER on {report['model']}/{report['dataset']}: {report['epochs']} epochs in {report['train_seconds']:.0f} s")
+    print(f"compression {report['compression_ratio']:.1f}x at {report['test_error']:.2f}% test error "
+          f"(slimmed: {report['slim_test_error']:.2f}%); parameters after slim "
+          f"{report['slim']['params_after']} of {report['slim']['params_before']}")
+    print()
+    print(f"{'model':8s} {'file bytes':>11s} {'size':>7s} {'b=1 ms':>9s} {'b=64 ms':>9s} {'speedup b=64':>13s}")
+    for name in ("dense", "sparse", "slim"):
+        size = report["onnx"][name]
+        print(f"{name:8s} {size:11d} {size / dense_bytes:6.3f}x {lat[name]['1']:9.4f} {lat[name]['64']:9.4f} "
+              f"{lat['dense']['64'] / lat[name]['64']:12.2f}x")
+    print()
+    print(f"wrote {out / 'report.json'}, dense/sparse/slim .onnx, layers.png, training.png "
+          f"({report['total_seconds']:.0f} s in all)")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    report = run_demo(out, dataset=args.dataset, data_root=args.data_root, epochs=args.epochs,
+                      progress=not args.no_progress)
+    _print_demo_summary(report, out)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from lobster_fx.report import sparsity_report
+    from lobster_fx.train import TrainConfig, train
+
+    config = TrainConfig(model=args.model, dataset=args.dataset, data_root=args.data_root, epochs=args.epochs,
+                         batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, lmbda=args.lmbda,
+                         twt=args.twt, pwe=args.pwe, seed=args.seed, out_dir=args.out,
+                         max_minutes=args.max_minutes, progress=not args.no_progress)
+    result = train(config, resume=not args.restart)
+    print(sparsity_report(result.gm).table())
+    last = result.log[-1] if result.log else {}
+    print(f"test error {last.get('test_error', float('nan')):.2f}%  checkpoint: {Path(args.out) / 'checkpoint.pt'}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from lobster_fx.export import export_onnx
+
+    gm, _, splits, _ = _load_checkpoint_model(args.checkpoint)
+    report = export_onnx(gm, splits.test.x[:1], args.output, sparse=not args.dense, slim=not args.no_slim,
+                         index_dtype="compact" if args.compact else "int64")
+    print(report)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from lobster_fx.bench import benchmark
+
+    models = {Path(p).stem: p for p in args.models}
+    providers = ("CUDAExecutionProvider",) if args.cuda else ("CPUExecutionProvider",)
+    report = benchmark(models, batch_sizes=tuple(args.batch_sizes), rounds=args.rounds, providers=providers)
+    print(report.table())
+    if args.json:
+        _write_json(report.to_dict(), Path(args.json))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from lobster_fx.report import plot_layers, plot_training, sparsity_report
+
+    gm, _, _, state = _load_checkpoint_model(args.checkpoint)
+    rep = sparsity_report(gm)
+    print(rep.table())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_layers(rep, str(out / "layers.png"))
+    if state.get("log"):
+        plot_training(state["log"], str(out / "training.png"))
+    _write_json(rep.to_dict(), out / "sparsity.json")
+    print(f"wrote {out / 'layers.png'}, {out / 'training.png'}, {out / 'sparsity.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lobster-fx", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="train, prune, fold, slim, export and benchmark LeNet-300 (no download)")
+    p.add_argument("--out", default="lobster-demo")
+    p.add_argument("--dataset", default="digits", choices=["digits", "mnist", "fashion-mnist"])
+    p.add_argument("--data-root", default=None, help="folder holding MNIST/ and FashionMNIST/ (not for digits)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("train", help="train a reference model with LOBSTER (resumes from --out/checkpoint.pt)")
+    p.add_argument("--model", default="lenet300", choices=["lenet300", "lenet5", "resnet32"])
+    p.add_argument("--dataset", default="mnist", choices=["digits", "mnist", "fashion-mnist"])
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--lmbda", type=float, default=1e-4)
+    p.add_argument("--twt", type=float, default=0.05)
+    p.add_argument("--pwe", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("export", help="export a training checkpoint to (sparse, slim) ONNX")
+    p.add_argument("checkpoint")
+    p.add_argument("output")
+    p.add_argument("--dense", action="store_true", help="keep dense initializers")
+    p.add_argument("--no-slim", action="store_true")
+    p.add_argument("--compact", action="store_true", help="smallest index type ONNX Runtime accepts")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("bench", help="time ONNX models side by side with ONNX Runtime")
+    p.add_argument("models", nargs="+")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--cuda", action="store_true", help="CUDA provider (fails if not really in use)")
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("report", help="per-layer table and PNG plots of a training checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", default=".")
+    p.set_defaults(func=_cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""Two-process DistributedDataParallel (gloo, CPU) against a single-process run.
+
+Each rank trains on its own half of a fixed global batch with a mean loss, so
+DDP's gradient average is the full-batch gradient. The LOBSTER rule runs at
+``optimizer.step()``, after the all-reduce, so both ranks apply the same update
+and match a single-process run on the full batch. A rule that read the local
+(pre-all-reduce) gradient would make the ranks drift apart (``relu(1 - |g|)``
+differs per rank) and miss the single-process run by far more than the tolerance
+(``test_tolerance_is_discriminative`` checks the margin). ``prune`` averages the
+validation loss over the ranks, so both ranks also take the same pruning
+decision.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+import lobster_fx
+from lobster_fx.instrument import masked_parameters
+
+pytestmark = pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="torch.distributed with the gloo backend is needed",
+)
+
+WORLD = 2
+GLOBAL_BATCH = 64
+STEPS_BEFORE, STEPS_AFTER = 30, 10
+LMBDA, TWT, LR, MOMENTUM = 1e-2, 0.2, 0.1, 0.9
+JOIN_TIMEOUT_S = 90
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    teacher = torch.randn(20, 4, generator=g)  # learnable labels: pruning everything costs loss
+    x = torch.randn(GLOBAL_BATCH, 20, generator=g)
+    xv = torch.randn(64, 20, generator=g)
+    return x, (x @ teacher).argmax(1), xv, (xv @ teacher).argmax(1)
+
+
+def _evaluate_on(xv, yv):
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> float:
+        was_training = model.training
+        model.eval()
+        loss = float(nn.functional.cross_entropy(model(xv), yv))
+        model.train(was_training)
+        return loss
+
+    return evaluate
+
+
+def _train(model, opt, x, y, steps):
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def _state(gm, result) -> dict:
+    return {
+        "params": {k: v.detach().clone() for k, v in gm.named_parameters()},
+        "masks": {k: v.clone() for k, v in lobster_fx.masks(gm).items()},
+        "masked_params": {info.name: p.detach().clone() for info, p, _ in masked_parameters(gm)},
+        "pruned": result.pruned,
+        "threshold": result.threshold,
+    }
+
+
+def _feed_rule_local_grads(ddp: nn.Module, opt: torch.optim.Optimizer):
+    """Mutant for the negative control: the rule sees this rank's pre-all-reduce gradient.
+
+    A DDP comm hook keeps a copy of the local gradients; an optimizer pre-hook
+    registered *before* Lobster's swaps them into ``p.grad``, one registered after
+    it swaps the all-reduced ones back, so SGD itself still uses the averaged
+    gradient and only the LOBSTER term is computed from the local one.
+    """
+    local: dict[int, torch.Tensor] = {}
+    saved: dict[int, torch.Tensor] = {}
+
+    def comm_hook(state, bucket):
+        for p, g in zip(bucket.parameters(), bucket.gradients()):
+            local[id(p)] = g.detach().clone()
+        buf = bucket.buffer().div_(WORLD)
+        return torch.distributed.all_reduce(buf, async_op=True).get_future().then(lambda f: f.value()[0])
+
+    ddp.register_comm_hook(None, comm_hook)
+
+    def to_local(optimizer, args, kwargs):
+        for p in ddp.parameters():
+            if p.grad is not None:
+                saved[id(p)] = p.grad
+                p.grad = local[id(p)]
+
+    def to_global(optimizer, args, kwargs):
+        for p in ddp.parameters():
+            if id(p) in saved:
+                p.grad = saved.pop(id(p))
+
+    opt.register_step_pre_hook(to_local)
+    return to_global
+
+
+def _run(rank: int | None, lmbda: float = LMBDA, half_only: bool = False, mutant: bool = False) -> dict:
+    """The training run; ``rank=None`` is the single-process full-batch run."""
+    x, y, xv, yv = _data()
+    if rank is not None or half_only:
+        r = 0 if rank is None else rank
+        per = GLOBAL_BATCH // WORLD
+        x, y = x[r * per : (r + 1) * per], y[r * per : (r + 1) * per]
+    gm = lobster_fx.instrument(_model())
+    wrapper = gm
+    if rank is not None:
+        wrapper = nn.parallel.DistributedDataParallel(gm)
+    opt = torch.optim.SGD(gm.parameters(), lr=LR, momentum=MOMENTUM)
+    to_global = _feed_rule_local_grads(wrapper, opt) if mutant else None
+    rule = lobster_fx.Lobster(wrapper, opt, lmbda=lmbda)
+    if to_global is not None:
+        opt.register_step_pre_hook(to_global)
+    gm.train()
+    _train(wrapper, opt, x, y, STEPS_BEFORE)
+    result = lobster_fx.prune(gm, _evaluate_on(xv, yv), twt=TWT)
+    _train(wrapper, opt, x, y, STEPS_AFTER)
+    state = _state(gm, result)
+    state["rule_steps"] = rule.steps
+    return state
+
+
+def _worker(rank: int, port: int, out_dir: str, mutant: bool) -> None:
+    try:
+        torch.set_num_threads(1)
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(port)
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
+        try:
+            state = _run(rank, mutant=mutant)
+            torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
+        finally:
+            torch.distributed.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_ddp(out_dir: str, mutant: bool = False) -> list[dict]:
+    for attempt in range(2):  # the free port may be taken between choosing and binding it
+        attempt_dir = os.path.join(out_dir, f"attempt{attempt}")
+        os.makedirs(attempt_dir)
+        try:
+            return _run_ddp_once(attempt_dir, mutant)
+        except pytest.fail.Exception as e:
+            if attempt or "address already in use" not in str(e).lower():
+                raise
+    raise AssertionError("unreachable")
+
+
+def _run_ddp_once(out_dir: str, mutant: bool) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(rank, port, out_dir, mutant), daemon=True) for rank in range(WORLD)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(JOIN_TIMEOUT_S)
+    finally:
+        hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    errors = ""
+    for rank in range(WORLD):
+        err = os.path.join(out_dir, f"rank{rank}.err")
+        if os.path.exists(err):
+            with open(err) as f:
+                errors += f"\n--- rank {rank} ---\n{f.read()}"
+    if hung:
+        pytest.fail(f"DDP ranks {hung} did not finish within {JOIN_TIMEOUT_S} s{errors}")
+    codes = [p.exitcode for p in procs]
+    if any(c != 0 for c in codes) or errors:
+        pytest.fail(f"DDP workers failed, exit codes {codes}{errors}")
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def ddp_states(tmp_path_factory):
+    return _run_ddp(str(tmp_path_factory.mktemp("ddp")))
+
+
+@pytest.fixture(scope="module")
+def single_state():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the workers
+    try:
+        yield _run(None)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_ranks_identical(ddp_states):
+    r0, r1 = ddp_states
+    assert r0["params"].keys() == r1["params"].keys()
+    for k in r0["params"]:
+        assert torch.equal(r0["params"][k], r1["params"][k]), k
+    assert r0["masks"].keys() == r1["masks"].keys()
+    for k in r0["masks"]:
+        assert torch.equal(r0["masks"][k], r1["masks"][k]), k
+    assert r0["pruned"] == r1["pruned"] and r0["threshold"] == r1["threshold"]
+    assert r0["rule_steps"] == r1["rule_steps"] == STEPS_BEFORE + STEPS_AFTER
+
+
+def test_ddp_matches_single_process(ddp_states, single_state):
+    for rank_state in ddp_states:
+        assert rank_state["pruned"] == single_state["pruned"]
+        for k, m in single_state["masks"].items():
+            assert torch.equal(rank_state["masks"][k], m), k
+        assert _max_diff(rank_state["params"], single_state["params"]) <= 1e-6
+
+
+def test_prune_pruned_and_pruned_entries_are_zero(ddp_states, single_state):
+    for state in (*ddp_states, single_state):
+        assert state["pruned"] > 0
+        masks = state["masks"]
+        zeros = sum(int((m == 0).sum()) for m in masks.values())
+        total = sum(m.numel() for m in masks.values())
+        assert zeros == state["pruned"] and 0 < zeros < total
+        assert masks.keys() == state["masked_params"].keys()
+        for name, mask in masks.items():
+            p = state["masked_params"][name]
+            # exactly zero after STEPS_AFTER momentum steps following the prune
+            assert torch.equal(p[mask == 0], torch.zeros_like(p[mask == 0])), name
+        assert set(torch.unique(torch.cat([m.flatten() for m in masks.values()])).tolist()) <= {0.0, 1.0}
+
+
+def test_rule_on_local_gradient_would_be_caught(single_state, tmp_path):
+    """Negative control: a rule fed the pre-all-reduce gradient fails the checks above."""
+    r0, r1 = _run_ddp(str(tmp_path), mutant=True)
+    assert _max_diff(r0["params"], r1["params"]) > 1e-4  # the ranks drift apart
+    assert _max_diff(r0["params"], single_state["params"]) > 1e-4
+
+
+def test_tolerance_is_discriminative(single_state):
+    """The 1e-6 comparison would notice a missing LOBSTER term or a non-averaged gradient."""
+    no_rule = _run(None, lmbda=0.0)
+    half = _run(None, half_only=True)  # what rank 0 alone would compute (no all-reduce)
+    for other in (no_rule, half):
+        same_masks = all(torch.equal(other["masks"][k], m) for k, m in single_state["masks"].items())
+        assert not same_masks or _max_diff(other["params"], single_state["params"]) > 1e-4
