@@ -133,6 +133,7 @@ class PlateauPruner:
             "rollback": self.rollback,
             "every_n_iterations": self.every_n_iterations,
             "threshold": self.threshold,
+            "reuse_val_loss": self.reuse_val_loss,
             "best": self.best,
             "bad_epochs": self.bad_epochs,
             "calls": self.calls,
@@ -143,6 +144,7 @@ class PlateauPruner:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("twt", "pwe", "rollback", "every_n_iterations", "threshold", "best", "bad_epochs", "calls"):
             setattr(self, key, state[key])
+        self.reuse_val_loss = state.get("reuse_val_loss", self.reuse_val_loss)
         self.history = [dict(h) for h in state["history"]]
         best = state["best_state"]
         self._best_state = None if best is None else {k: v.clone() for k, v in best.items()}

@@ -1,0 +1,886 @@
+"""Export stage: a (masked, pruned) model to one self-contained, compressed ONNX file.
+
+Why it looks the way it does (measured, see ``shared/docs/lobster-notes.md`` s.5):
+
+* Masks are folded into the weights first (:func:`lobster_fx.fold.fold`):
+  an unfolded ``weight * mask`` stays in the graph and stores two dense tensors.
+* ``torch.onnx.export(dynamo=True)`` (the default exporter of torch 2.14) is
+  called with ``f=None``: the ONNX model is built in memory, so no
+  ``.onnx.data`` side file is ever written, and its optimiser folds BatchNorm
+  into Conv. Traced GraphModules export fine through it.
+* ONNX has no CSR; the file shrinks only when weights are moved to
+  ``graph.sparse_initializer`` (COO: values + linear indices). onnx_ir /
+  onnxscript drop sparse initializers, so :func:`sparsify_initializers` is the
+  very last step and works on plain onnx protobuf.
+* ONNX Runtime densifies sparse initializers when it loads the file: the file
+  is smaller, the runtime cost is the dense model's (slimming removes FLOPs).
+
+Example::
+
+    >>> import os, tempfile, torch
+    >>> from lobster_fx.export import export_onnx
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.ReLU(), torch.nn.Linear(128, 4))
+    >>> with torch.no_grad():
+    ...     for p in model.parameters():
+    ...         _ = p.mul_((torch.rand_like(p) > 0.95).float())
+    >>> path = os.path.join(tempfile.mkdtemp(), "mlp.onnx")
+    >>> report = export_onnx(model, torch.randn(2, 256), path, slim=False)
+    >>> report.ratio < 0.25
+    True
+    >>> report.parity_max_abs_diff < 1e-5
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+__all__ = [
+    "ExportError",
+    "InitializerInfo",
+    "ExportReport",
+    "sparsify_initializers",
+    "export_onnx",
+]
+
+IndexDtype = Literal["int64", "compact"]
+
+#: initializer types moved to sparse storage. Integer initializers are mostly
+#: shape / axis constants that shape inference wants to read as dense values.
+_SPARSIFIABLE = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+}
+
+#: candidate index types for ``index_dtype="compact"``, smallest first
+_COMPACT_CANDIDATES = (np.int8, np.int16, np.int32, np.int64)
+
+
+class ExportError(RuntimeError):
+    """``torch.onnx`` could not export the model, or the result failed a check.
+
+    ``op`` names the operator that has no ONNX translation when that is the
+    cause (e.g. ``"aten.kthvalue.default"``), else ``None``.
+    """
+
+    def __init__(self, message: str, *, op: str | None = None) -> None:
+        super().__init__(message)
+        self.op = op
+
+
+@dataclass
+class InitializerInfo:
+    """How one initializer is stored in the exported file.
+
+    ``bytes`` is the serialised size of what is stored (``TensorProto`` or
+    ``SparseTensorProto``); ``dense_bytes`` the size it has stored dense.
+    ``graph`` is ``""`` for the main graph, else the path of the subgraph
+    (``"node_name/then_branch"``).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    nnz: int
+    storage: str  # "dense" or "sparse"
+    bytes: int
+    dense_bytes: int
+    index_dtype: str | None = None
+    graph: str = ""
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nnz / self.numel if self.numel else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        d["sparsity"] = self.sparsity
+        return d
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_onnx` wrote.
+
+    ``dense_bytes`` is the size of the same ONNX graph with every initializer
+    stored dense (the serialised proto before :func:`sparsify_initializers`);
+    ``file_bytes`` the size of the file on disk.
+    """
+
+    path: str
+    dense_bytes: int
+    file_bytes: int
+    initializers: list[InitializerInfo]
+    parity_max_abs_diff: float
+    index_dtype: str
+    exporter: str
+    opset: int
+    dynamic_batch: bool
+    folded: bool
+    slimmed: bool
+    checker: str  # what onnx.checker validated
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        """``file_bytes / dense_bytes`` (1.0 = no gain)."""
+        return self.file_bytes / self.dense_bytes if self.dense_bytes else 1.0
+
+    @property
+    def sparse_initializers(self) -> list[InitializerInfo]:
+        return [i for i in self.initializers if i.storage == "sparse"]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k != "initializers"}
+        d["ratio"] = self.ratio
+        d["initializers"] = [i.to_dict() for i in self.initializers]
+        return d
+
+    def __str__(self) -> str:
+        n_sp = len(self.sparse_initializers)
+        return (
+            f"{self.path}: {self.file_bytes:,} bytes ({self.ratio:.3f}x of dense {self.dense_bytes:,}), "
+            f"{n_sp}/{len(self.initializers)} initializers sparse ({self.index_dtype} indices), "
+            f"ONNX Runtime parity max |diff| {self.parity_max_abs_diff:.2e}"
+        )
+
+
+# --------------------------------------------------------------------------- sparsify
+
+
+def _dtype_name(data_type: int) -> str:
+    return onnx.TensorProto.DataType.Name(data_type).lower()
+
+
+@functools.lru_cache(maxsize=None)
+def _ort_accepts_index_dtype(index_dtype: str) -> bool:
+    """Does ONNX Runtime load (and densify correctly) a sparse initializer with
+    ``index_dtype`` linear indices? Probed once per dtype on a tiny model, since
+    the ONNX spec only allows INT64 and ORT's extra support is not documented."""
+    if index_dtype == "int64":
+        return True
+    try:
+        import onnxruntime as ort
+    except ImportError:  # pragma: no cover - onnxruntime is a dependency
+        return False
+    from onnx import helper
+
+    dense = np.zeros((4, 5), np.float32)
+    dense.flat[[1, 7, 19]] = [1.5, -2.0, 3.25]
+    nz = np.flatnonzero(dense)
+    sp = helper.make_sparse_tensor(
+        numpy_helper.from_array(dense.ravel()[nz], "W"),
+        numpy_helper.from_array(nz.astype(index_dtype), ""),
+        [4, 5],
+    )
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 5])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 5])
+    graph = helper.make_graph([helper.make_node("Add", ["x", "W"], ["y"])], "probe", [x], [y], sparse_initializer=[sp])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    try:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        out = sess.run(None, {"x": np.zeros((4, 5), np.float32)})[0]
+    except Exception:  # noqa: BLE001 - any failure means "not accepted"
+        return False
+    return bool(np.array_equal(out, dense))
+
+
+def _index_dtype_for(numel: int, mode: str, in_subgraph: bool) -> np.dtype:
+    if mode == "int64" or in_subgraph:
+        # ORT runs the ONNX checker on subgraphs, which wants INT64 (measured)
+        return np.dtype(np.int64)
+    for cand in _COMPACT_CANDIDATES:
+        if numel - 1 <= np.iinfo(cand).max and _ort_accepts_index_dtype(np.dtype(cand).name):
+            return np.dtype(cand)
+    return np.dtype(np.int64)
+
+
+def _iter_subgraphs(graph: onnx.GraphProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    for i, node in enumerate(graph.node):
+        for attr in node.attribute:
+            label = f"{node.name or node.op_type + str(i)}/{attr.name}"
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield label, attr.g
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for k, g in enumerate(attr.graphs):
+                    yield f"{label}[{k}]", g
+
+
+def _sparsify_graph(
+    graph: onnx.GraphProto,
+    label: str,
+    in_subgraph: bool,
+    min_sparsity: float,
+    index_dtype: str,
+    out: list[InitializerInfo],
+) -> None:
+    # an initializer that is also a graph input is an overridable default:
+    # leave it where the runtime expects it
+    input_names = {i.name for i in graph.input}
+    keep: list[onnx.TensorProto] = []
+    new_sparse: list[onnx.SparseTensorProto] = []
+    for init in graph.initializer:
+        dense_bytes = init.ByteSize()
+        shape = tuple(int(d) for d in init.dims)
+        info = InitializerInfo(init.name, shape, _dtype_name(init.data_type), -1, "dense", dense_bytes, dense_bytes, None, label)
+        eligible = (
+            init.data_type in _SPARSIFIABLE
+            and init.data_location != onnx.TensorProto.EXTERNAL
+            and init.name not in input_names
+            and len(shape) > 0
+        )
+        arr = numpy_helper.to_array(init) if init.data_location != onnx.TensorProto.EXTERNAL else None
+        if arr is not None:
+            info.nnz = int(np.count_nonzero(arr))
+        if eligible and arr is not None and arr.size > 0 and info.sparsity >= min_sparsity:
+            flat = arr.reshape(-1)
+            nz = np.flatnonzero(flat)
+            idx_dt = _index_dtype_for(arr.size, index_dtype, in_subgraph)
+            values = numpy_helper.from_array(np.ascontiguousarray(flat[nz]), init.name)
+            indices = numpy_helper.from_array(nz.astype(idx_dt), "")
+            sp = onnx.SparseTensorProto()
+            sp.values.CopyFrom(values)
+            sp.indices.CopyFrom(indices)
+            sp.dims.extend(init.dims)
+            # keep dense unless sparse storage is strictly smaller
+            if values.data_type == init.data_type and sp.ByteSize() < dense_bytes:
+                new_sparse.append(sp)
+                info.storage, info.bytes, info.index_dtype = "sparse", sp.ByteSize(), idx_dt.name
+                out.append(info)
+                continue
+        keep.append(init)
+        out.append(info)
+    n_existing = len(graph.sparse_initializer)
+    if new_sparse:
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        graph.sparse_initializer.extend(new_sparse)
+    for sp in list(graph.sparse_initializer)[:n_existing]:
+        # already sparse in the input proto: report it as is
+        shape = tuple(int(d) for d in sp.dims)
+        out.append(
+            InitializerInfo(
+                sp.values.name, shape, _dtype_name(sp.values.data_type), int(np.prod(sp.values.dims, dtype=np.int64)),
+                "sparse", sp.ByteSize(), -1, _dtype_name(sp.indices.data_type), label,
+            )
+        )
+    for sub_label, sub in _iter_subgraphs(graph):
+        _sparsify_graph(sub, f"{label}/{sub_label}" if label else sub_label, True, min_sparsity, index_dtype, out)
+
+
+def sparsify_initializers(
+    model_proto: onnx.ModelProto,
+    *,
+    min_sparsity: float = 0.0,
+    index_dtype: IndexDtype = "int64",
+) -> list[InitializerInfo]:
+    """Move sparse-enough initializers into ``graph.sparse_initializer`` (in place).
+
+    Each floating-point initializer with sparsity ``>= min_sparsity`` is stored
+    as a COO ``SparseTensorProto`` (values + linearised 1-D indices) when that is
+    strictly smaller than its dense ``TensorProto``; otherwise it stays dense.
+    Initializers of subgraphs (``If`` / ``Loop`` / ``Scan`` bodies) are handled
+    too; main-graph initializers used from inside subgraphs keep working.
+
+    ``index_dtype="int64"`` is what the ONNX spec (and ``onnx.checker``) allows.
+    ``"compact"`` picks, per tensor, the smallest of int8/int16/int32 that holds
+    its largest linear index and that ONNX Runtime accepts (probed once); the
+    file is then smaller but ``onnx.checker`` rejects it. Subgraph tensors always
+    use INT64 because ONNX Runtime checks subgraphs with the ONNX checker.
+
+    Call this last: onnx_ir / onnxscript passes drop sparse initializers.
+
+    Returns one :class:`InitializerInfo` per initializer (dense ones included).
+
+    Example::
+
+        >>> import numpy as np, onnx
+        >>> from onnx import helper, numpy_helper
+        >>> w = np.zeros((100, 50), np.float32); w[::10, ::5] = 1.0
+        >>> g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        ...     [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 100])],
+        ...     [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 50])],
+        ...     initializer=[numpy_helper.from_array(w, "w")])
+        >>> m = helper.make_model(g)
+        >>> [(i.name, i.storage, i.nnz) for i in sparsify_initializers(m)]
+        [('w', 'sparse', 100)]
+        >>> onnx.checker.check_model(m, full_check=False)
+    """
+    if index_dtype not in ("int64", "compact"):
+        raise ValueError(f"index_dtype must be 'int64' or 'compact', got {index_dtype!r}")
+    if not 0.0 <= min_sparsity <= 1.0:
+        raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
+    infos: list[InitializerInfo] = []
+    _sparsify_graph(model_proto.graph, "", False, min_sparsity, index_dtype, infos)
+    return infos
+
+
+def _dense_infos(model_proto: onnx.ModelProto) -> list[InitializerInfo]:
+    out: list[InitializerInfo] = []
+
+    def visit(graph: onnx.GraphProto, label: str) -> None:
+        for init in graph.initializer:
+            nnz = -1
+            if init.data_location != onnx.TensorProto.EXTERNAL:
+                nnz = int(np.count_nonzero(numpy_helper.to_array(init)))
+            b = init.ByteSize()
+            out.append(InitializerInfo(init.name, tuple(init.dims), _dtype_name(init.data_type), nnz, "dense", b, b, None, label))
+        for sub_label, sub in _iter_subgraphs(graph):
+            visit(sub, f"{label}/{sub_label}" if label else sub_label)
+
+    visit(model_proto.graph, "")
+    return out
+
+
+# --------------------------------------------------------------------------- input validation
+
+
+def _as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
+    import torch
+
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
+        if not example_inputs:
+            raise ValueError("example_inputs is empty: pass a tensor or a tuple of tensors")
+        return tuple(example_inputs)
+    raise TypeError(
+        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
+    )
+
+
+def _shape(t: Any) -> str:
+    import torch
+
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _expected_input(mod: Any, target: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> str | None:
+    """The input shape a layer wants, from the module or the functional call's weight."""
+    import torch
+    from torch import nn
+
+    if isinstance(mod, nn.Linear):
+        return f"(*, {mod.in_features})"
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        return f"(N, {mod.in_channels}, {', '.join('*' * len(mod.kernel_size))})"
+    if isinstance(mod, nn.modules.batchnorm._NormBase):
+        return f"(N, {mod.num_features}, ...)"
+    if isinstance(mod, nn.LayerNorm):
+        return f"(*, {', '.join(map(str, mod.normalized_shape))})"
+    if isinstance(mod, nn.Embedding):
+        return f"integer indices < {mod.num_embeddings}"
+    fname = getattr(target, "__name__", "")
+    weight = args[1] if len(args) > 1 else kwargs.get("weight")
+    if not isinstance(weight, torch.Tensor):
+        return None
+    if fname == "linear" and weight.dim() == 2:
+        return f"(*, {weight.shape[1]})"
+    if fname.startswith("conv") and not fname.startswith("conv_t") and weight.dim() >= 3:
+        groups = args[6] if len(args) > 6 else kwargs.get("groups", 1)
+        spatial = ", ".join("*" * (weight.dim() - 2))
+        return f"(N, {weight.shape[1] * int(groups)}, {spatial})"
+    return None
+
+
+@dataclass
+class _Failure:
+    layer: str
+    kind: str
+    got: str
+    expected: str | None
+
+
+def _locate_failure(model: Any, inputs: tuple[Any, ...]) -> _Failure | None:
+    """Re-run ``model`` instrumented to find the innermost layer that raised.
+
+    Module hooks find failing submodules; for GraphModules an Interpreter also
+    catches functional calls (``F.linear`` on a traced-through weight), whose
+    layer is taken from ``node.meta["nn_module_stack"]``.
+    """
+    import torch
+
+    entered: list[tuple[str, Any, tuple[Any, ...]]] = []
+    node_failure: dict[str, Any] = {}
+
+    def pre(name: str):
+        def hook(mod, args):
+            entered.append((name, mod, args))
+
+        return hook
+
+    def post(mod, args, out):
+        if entered:
+            entered.pop()
+
+    class _Interp(torch.fx.Interpreter):
+        def run_node(self, n):  # type: ignore[override]
+            try:
+                return super().run_node(n)
+            except Exception:
+                if "node" not in node_failure:
+                    try:
+                        args, kwargs = self.fetch_args_kwargs_from_env(n)
+                    except Exception:  # noqa: BLE001
+                        args, kwargs = (), {}
+                    node_failure.update(node=n, args=args, kwargs=kwargs)
+                raise
+
+    handles = []
+    for name, m in model.named_modules():
+        if name:
+            handles.append(m.register_forward_pre_hook(pre(name)))
+            handles.append(m.register_forward_hook(post))
+    try:
+        with torch.no_grad():
+            if isinstance(model, torch.fx.GraphModule):
+                _Interp(model).run(*inputs)
+            else:
+                model(*inputs)
+    except Exception:  # noqa: BLE001 - we only want to know where
+        pass
+    else:
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    if entered:
+        name, mod, args = entered[-1]
+        got = _shape(args[0]) if args else "no input"
+        return _Failure(name, type(mod).__name__, got, _expected_input(mod, None, args, {}))
+    if node_failure:
+        n = node_failure["node"]
+        args, kwargs = node_failure["args"], node_failure["kwargs"]
+        stack = n.meta.get("nn_module_stack") or {}
+        if stack:
+            path, typ = list(stack.values())[-1]
+            kind = getattr(typ, "__name__", str(typ).rsplit(".", 1)[-1])
+            layer = path
+        else:
+            layer, kind = n.name, str(getattr(n.target, "__name__", n.target))
+        mod = None
+        if n.op == "call_module":
+            mod = model.get_submodule(n.target)
+        first = args[0] if args else None
+        return _Failure(layer, kind, _shape(first), _expected_input(mod, n.target, args, kwargs))
+    return None
+
+
+def _run_example(model: Any, inputs: tuple[Any, ...]) -> Any:
+    """Run the example through ``model``; a ValueError naming the layer if it fails."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            return model(*inputs)
+    except Exception as e:  # noqa: BLE001 - every failure here means "bad example_inputs"
+        where = _locate_failure(model, inputs)
+        given = ", ".join(_shape(t) for t in inputs)
+        msg = f"example_inputs of shape {given} do not run through {type(model).__name__}"
+        if where is not None:
+            msg += f": layer {where.layer!r} ({where.kind})"
+            if where.expected:
+                msg += f" expects input of shape {where.expected} but got {where.got}"
+            else:
+                msg += f" failed on input of shape {where.got}"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        msg += f" [{type(e).__name__}: {first}]"
+        raise ValueError(msg) from e
+
+
+def _flatten_outputs(out: Any) -> list[Any]:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flatten_outputs(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _flatten_outputs(o)]
+    return []
+
+
+# --------------------------------------------------------------------------- export errors
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    cur: BaseException | None = e
+    while cur is not None and cur not in seen:
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return seen
+
+
+def _first_line(e: BaseException) -> str:
+    s = _ANSI.sub("", str(e)).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
+def _explain_export_failure(e: BaseException, exporter: str) -> ExportError:
+    """Turn what torch.onnx raises into an ExportError that names the op."""
+    chain = _chain(e)
+    texts = [_ANSI.sub("", str(x)) for x in chain]
+    op = None
+    node = None
+    patterns = (
+        r"No ONNX function found for <OpOverload\(op='([\w.]+)', overload='(\w+)'\)>",
+        r"target=torch\.ops\.([\w.]+)",
+        r"[Ee]xporting the operator '([\w:.]+)'",
+        r"[Uu]nsupported.*?'((?:aten|prims|prim)::\w+)'",
+    )
+    for pat in patterns:
+        for t in texts:
+            m = re.search(pat, t)
+            if m:
+                op = ".".join(g for g in m.groups() if g)
+                break
+        if op:
+            break
+    for t in texts:
+        m = re.search(r"Error when translating node (%\w+)", t)
+        if m:
+            node = m.group(1)
+            break
+    root = chain[-1]
+    reason = f"{type(root).__name__}: {_first_line(root)}"
+    capture_failed = any(type(x).__name__ == "TorchExportError" for x in chain)
+    if op is not None:
+        where = f" (node {node})" if node else ""
+        msg = (
+            f"torch.onnx ({exporter} exporter) cannot export operator {op!r}{where}: {reason}. "
+            f"Replace that op in the model, or pass a custom translation for it to torch.onnx."
+        )
+    elif capture_failed:
+        call = ""
+        for t in texts:
+            m = re.search(r"The following call raised this error:\n(.*?)(?:\n\n|$)", t, re.S)
+            if m:
+                call = " at " + " ".join(line.strip() for line in m.group(1).splitlines())
+                break
+        msg = (
+            f"torch.export could not capture the model (step 1 of the dynamo ONNX exporter){call}: {reason}. "
+            "Data-dependent Python control flow must be rewritten (e.g. torch.cond); "
+            "exporter='torchscript' traces one branch instead."
+        )
+    else:
+        msg = f"torch.onnx ({exporter} exporter) failed: {reason}"
+    err = ExportError(msg, op=op)
+    return err
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _has_masks(model: Any) -> bool:
+    return any(n.endswith("mask") for n, _ in model.named_buffers())
+
+
+def _torch_export(
+    model: Any, inputs: tuple[Any, ...], *, dynamic_batch: bool, opset: int | None, exporter: str
+) -> onnx.ModelProto:
+    """Export with torch.onnx into memory (no file, so no stray ``.onnx.data``)."""
+    import io
+
+    import torch
+
+    batched = [t.dim() >= 1 and t.shape[0] == inputs[0].shape[0] for t in inputs] if inputs[0].dim() else [False] * len(inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation / tracer chatter
+        try:
+            if exporter == "dynamo":
+                dyn = None
+                if dynamic_batch:
+                    batch = torch.export.Dim("batch")
+                    dyn = tuple({0: batch} if b else None for b in batched)
+                prog = torch.onnx.export(
+                    model, inputs, None, dynamo=True, dynamic_shapes=dyn, opset_version=opset,
+                    verbose=False, optimize=True, external_data=False,
+                )
+                return prog.model_proto
+            names = [f"input_{i}" for i in range(len(inputs))] if len(inputs) > 1 else ["input"]
+            axes = {n: {0: "batch"} for n, b in zip(names, batched) if b} if dynamic_batch else None
+            buf = io.BytesIO()
+            torch.onnx.export(
+                model, inputs, buf, dynamo=False, input_names=names, dynamic_axes=axes,
+                opset_version=opset, do_constant_folding=True,
+            )
+            return onnx.load_from_string(buf.getvalue())
+        except Exception as e:  # noqa: BLE001 - explained and re-raised
+            raise _explain_export_failure(e, exporter) from e
+
+
+def _check_dynamic_batch(proto: onnx.ModelProto, inputs: tuple[Any, ...]) -> None:
+    init_names = {i.name for i in proto.graph.initializer}
+    graph_inputs = [i for i in proto.graph.input if i.name not in init_names]
+    for gi, t in zip(graph_inputs, inputs):
+        if t.dim() == 0 or t.shape[0] != inputs[0].shape[0]:
+            continue
+        dims = gi.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value"):
+            raise ExportError(
+                f"dynamic_batch=True, but the exported model fixes the batch dimension of input "
+                f"{gi.name!r} to {dims[0].dim_value} (the model's code specialises it, e.g. a "
+                "reshape with a literal size); rewrite it with x.shape[0] / -1, or pass dynamic_batch=False"
+            )
+
+
+def _ort_parity(path: str, inputs: tuple[Any, ...], reference: list[Any], atol: float, rtol: float) -> float:
+    """Run the written file in ONNX Runtime (CPU); max |ort - torch| or ExportError."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    try:
+        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"ONNX Runtime cannot load the exported model: {_first_line(e)}") from e
+    ins = sess.get_inputs()
+    if len(ins) != len(inputs):
+        raise ExportError(f"the ONNX model has {len(ins)} inputs, the example has {len(inputs)}")
+    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(ins, inputs)}
+    outs = sess.run(None, feeds)
+    if len(outs) != len(reference):
+        raise ExportError(f"the ONNX model returns {len(outs)} outputs, torch returns {len(reference)}")
+    worst = 0.0
+    for k, (o, r) in enumerate(zip(outs, reference)):
+        r = r.detach().cpu().numpy()
+        if o.shape != r.shape:
+            raise ExportError(f"output {k}: ONNX Runtime shape {o.shape} != torch shape {r.shape}")
+        if o.size:
+            diff = float(np.max(np.abs(o.astype(np.float64) - r.astype(np.float64))))
+            worst = max(worst, diff)
+            if not np.allclose(o, r, rtol=rtol, atol=atol, equal_nan=True):
+                raise ExportError(
+                    f"output {k}: ONNX Runtime differs from torch by up to {diff:.3e} "
+                    f"(tolerance rtol={rtol}, atol={atol})"
+                )
+    return worst
+
+
+def _strip_debug_info(proto: onnx.ModelProto) -> None:
+    """Drop per-node debug metadata (torch stack traces with absolute source
+    paths, fx node dumps): it can outweigh the weights of a sparse model."""
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+        for _, sub in _iter_subgraphs(graph):
+            visit(sub)
+
+    visit(proto.graph)
+    for fn in proto.functions:
+        for node in fn.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+
+
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+def export_onnx(
+    model: Any,
+    example_inputs: Any,
+    path: str | os.PathLike[str],
+    *,
+    sparse: bool = True,
+    slim: bool = True,
+    dynamic_batch: bool = True,
+    index_dtype: IndexDtype = "int64",
+    opset: int | None = None,
+    min_sparsity: float = 0.0,
+    exporter: Literal["dynamo", "torchscript"] = "dynamo",
+    strip_debug_info: bool = True,
+    atol: float = 1e-5,
+    rtol: float = 1e-5,
+) -> ExportReport:
+    """Fold, (slim), export, sparsify, check and atomically write one ONNX file.
+
+    Steps: validate ``path`` and ``example_inputs`` (a tensor or a tuple of
+    tensors, with a batch dimension); copy the model and put it in eval mode
+    (``model`` itself is not changed); fold masks into weights
+    (:func:`lobster_fx.fold.fold`, a no-op without masks); remove dead units
+    when ``slim`` (:func:`lobster_fx.slim.slim`); export with ``torch.onnx``
+    into memory; move sparse initializers to ``graph.sparse_initializer``
+    (``sparse``); run ``onnx.checker``; write a temp file next to ``path``,
+    check ONNX Runtime reproduces torch within ``rtol``/``atol`` on the example,
+    then ``os.replace`` it onto ``path``. Any failure leaves no file behind and
+    an existing ``path`` untouched.
+
+    ``exporter="dynamo"`` (default, the maintained exporter) needs
+    ``torch.export``-capturable code; ``"torchscript"`` (deprecated in torch)
+    traces instead. ``index_dtype="compact"`` writes int8/16/32 indices: smaller,
+    accepted by ONNX Runtime, rejected by ``onnx.checker`` (the dense graph is
+    checked instead). ``strip_debug_info`` drops the exporter's per-node
+    metadata (stack traces with local paths), which can outweigh a sparse
+    model's weights; ``dense_bytes`` is measured after it, so the ratio compares
+    like with like.
+
+    Raises:
+        FileNotFoundError: the parent directory of ``path`` does not exist.
+        TypeError / ValueError: bad ``example_inputs`` (the ValueError names the
+            layer and the expected vs given shape when known).
+        ExportError: torch.onnx failed (``.op`` names an unsupported operator),
+            the batch dimension got fixed, or the ONNX Runtime parity check failed.
+
+    Example::
+
+        >>> import os, tempfile, torch
+        >>> m = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        ...                         torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 10))
+        >>> r = export_onnx(m, torch.randn(1, 1, 8, 8), os.path.join(tempfile.mkdtemp(), "cnn.onnx"), slim=False)
+        >>> r.parity_max_abs_diff < 1e-5 and os.path.getsize(r.path) == r.file_bytes
+        True
+    """
+    import torch
+
+    # ---- validate cheap things first
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"cannot write {str(target)!r}: directory {str(parent)!r} does not exist")
+    if target.is_dir():
+        raise IsADirectoryError(f"cannot write {str(target)!r}: it is a directory")
+    if index_dtype not in ("int64", "compact"):
+        raise ValueError(f"index_dtype must be 'int64' or 'compact', got {index_dtype!r}")
+    if exporter not in ("dynamo", "torchscript"):
+        raise ValueError(f"exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    inputs = _as_input_tuple(example_inputs)
+    inputs = tuple(t.detach() for t in inputs)
+
+    # ---- the caller's model is only run (in eval mode, restored after); every
+    # transformation below works on a copy (fold and slim both copy)
+    saved_modes = [(m, m.training) for m in model.modules()]
+    notes: list[str] = []
+    try:
+        model.eval()
+        reference = _flatten_outputs(_run_example(model, inputs))
+
+        try:
+            from lobster_fx.fold import fold
+        except ImportError:
+            fold = None  # type: ignore[assignment]
+        if fold is not None:
+            work = fold(model)  # a copy; a no-op copy for a model without masks
+        else:
+            if _has_masks(model):
+                warnings.warn("lobster_fx.fold is not importable: exporting unfolded masks (larger file)")
+                notes.append("masks not folded (lobster_fx.fold missing)")
+            work = copy.deepcopy(model)
+        folded = "lobster_folded" in (getattr(work, "meta", None) or {})
+        work.eval()
+
+        slimmed = False
+        if slim:
+            try:
+                from lobster_fx.slim import slim as _slim
+            except ImportError as e:
+                raise ImportError("export_onnx(slim=True) needs lobster_fx.slim; pass slim=False") from e
+            try:
+                work = _slim(work, inputs)
+            except Exception as e:  # noqa: BLE001 - re-raised with a hint
+                if hasattr(e, "add_note"):
+                    e.add_note("lobster_fx.export_onnx: slimming failed; pass slim=False to export without it")
+                raise
+            slimmed = True
+            work.eval()
+
+        # ---- export into memory
+        proto = _torch_export(work, inputs, dynamic_batch=dynamic_batch, opset=opset, exporter=exporter)
+    finally:
+        # call train() (not just set .training): LobsterGraphModule switches its
+        # graph there. Pre-order, so each module's own call comes last for it.
+        for m, t in saved_modes:
+            m.train(t)
+
+    if dynamic_batch:
+        _check_dynamic_batch(proto, inputs)
+    if strip_debug_info:
+        _strip_debug_info(proto)
+    dense_bytes = proto.ByteSize()
+    try:
+        onnx.checker.check_model(proto, full_check=False)
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"onnx.checker rejects the exported (dense) model: {_first_line(e)}") from e
+    checker = "dense graph"
+
+    if sparse:
+        infos = sparsify_initializers(proto, min_sparsity=min_sparsity, index_dtype=index_dtype)
+        if index_dtype == "int64":
+            try:
+                onnx.checker.check_model(proto, full_check=False)
+            except Exception as e:  # noqa: BLE001
+                raise ExportError(f"onnx.checker rejects the sparsified model: {_first_line(e)}") from e
+            checker = "final file"
+        else:
+            notes.append("compact indices: onnx.checker validated the dense graph, ONNX Runtime the file")
+    else:
+        infos = _dense_infos(proto)
+        checker = "final file"
+    data = proto.SerializeToString()
+
+    # ---- atomic write: temp file in the target directory, verify, then replace
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give a normal file mode
+        max_diff = _ort_parity(tmp, inputs, reference, atol, rtol)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+    opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
+    return ExportReport(
+        path=str(target),
+        dense_bytes=dense_bytes,
+        file_bytes=os.path.getsize(target),
+        initializers=infos,
+        parity_max_abs_diff=max_diff,
+        index_dtype=index_dtype if sparse else "none",
+        exporter=exporter,
+        opset=int(opset_used),
+        dynamic_batch=dynamic_batch,
+        folded=folded,
+        slimmed=slimmed,
+        checker=checker,
+        notes=notes,
+    )

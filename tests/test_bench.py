@@ -1,0 +1,125 @@
+"""Tests for lobster_fx.bench: a small interleaved run, memory, providers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from lobster_fx.bench import BenchReport, benchmark
+from lobster_fx.export import export_onnx
+
+
+def _export(model: nn.Module, path: str, in_features: int) -> str:
+    export_onnx(model, torch.randn(2, in_features), path, slim=False, sparse=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    torch.manual_seed(0)
+    big = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 8))
+    small = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8))
+    return {
+        "big": _export(big, str(d / "big.onnx"), 32),
+        "small": _export(small, str(d / "small.onnx"), 32),
+    }
+
+
+@pytest.fixture(scope="module")
+def report(tiny_models) -> BenchReport:
+    return benchmark(tiny_models, batch_sizes=(1, 4), repeats=4, warmup=2, rounds=3)
+
+
+def test_small_run_is_sane(report, tiny_models):
+    assert list(report.models) == ["big", "small"] and report.baseline == "big"
+    for name, stats in report.models.items():
+        assert stats.kind == "onnx" and stats.providers[0] == "CPUExecutionProvider"
+        assert stats.file_bytes == os.path.getsize(tiny_models[name]) > 0
+        assert stats.load_s > 0
+        assert stats.rss_after_load > 0 and stats.rss_before_load > 0
+        assert stats.peak_rss >= stats.rss_after_load
+        for b in (1, 4):
+            lat = stats.latency[b]
+            assert lat.n == 3 * 4  # rounds * repeats, warm-up excluded
+            assert 0 < lat.min_ms <= lat.median_ms <= lat.p90_ms
+            assert lat.median_ms < 1000  # a 32-256-8 MLP: far below a second
+    assert report.speedup("big", 4) == pytest.approx(1.0)
+    assert report.size_ratio("small") < 1.0
+
+
+def test_each_model_in_its_own_fresh_process(report):
+    pids = {s.pid for s in report.models.values()}
+    assert len(pids) == 2 and os.getpid() not in pids and 0 not in pids
+
+
+def test_report_serialisation(report):
+    d = report.to_dict()
+    json.dumps(d)  # plain data only
+    assert d["ratios"]["big"]["speedup"]["1"] == pytest.approx(1.0)
+    assert d["models"]["small"]["latency"]["4"]["median_ms"] > 0
+    table = report.table()
+    assert "big" in table and "small" in table and "median ms" in table and "peak MiB" in table
+
+
+def test_torch_model_in_same_run(tiny_models):
+    torch.manual_seed(1)
+    tm = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8))
+    rep = benchmark({"small": tiny_models["small"]}, torch_models={"torch": tm},
+                    batch_sizes=(2,), repeats=3, warmup=1, rounds=2)
+    t = rep.models["torch"]
+    assert t.kind == "torch" and t.latency[2].median_ms > 0 and t.rss_after_load > 0
+    # torch is imported in the torch worker only: the ONNX worker stays lean
+    assert rep.models["small"].rss_before_load < t.rss_before_load
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA is available here")
+def test_cuda_requested_without_cuda_fails(tiny_models):
+    with pytest.raises(RuntimeError, match="CUDAExecutionProvider"):
+        benchmark(tiny_models, providers=("CUDAExecutionProvider",), batch_sizes=(1,), repeats=1, rounds=1)
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA is available here")
+def test_cuda_silent_cpu_fallback_is_caught(tiny_models, monkeypatch):
+    """Even if CUDA looks available, a session that lands on CPU is an error."""
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(RuntimeError, match="runs on CPUExecutionProvider"):
+        benchmark({"small": tiny_models["small"]}, providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
+                  batch_sizes=(1,), repeats=1, rounds=1)
+
+
+def test_bad_arguments(tiny_models, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        benchmark({"x": str(tmp_path / "missing.onnx")})
+    with pytest.raises(ValueError, match="baseline"):
+        benchmark(tiny_models, baseline="nope")
+    with pytest.raises(ValueError):
+        benchmark({})
+
+
+def test_worker_error_is_reported(tiny_models):
+    """A wrong input shape fails inside the worker and surfaces in the parent."""
+    with pytest.raises(RuntimeError, match="small"):
+        benchmark({"small": tiny_models["small"]}, input_shape=(5,), batch_sizes=(1,), repeats=1, rounds=1)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lobster_fx.sparse") is None, reason="lobster_fx.sparse not written yet")
+def test_csr_graph_module_in_same_run(tiny_models):
+    """A GraphModule whose code runs but does not re-trace (CSR linear) still
+    travels to its worker (plain torch.load would re-trace it and fail)."""
+    from lobster_fx.sparse import to_sparse_csr
+
+    torch.manual_seed(2)
+    m = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+    with torch.no_grad():
+        m[0].weight.mul_((torch.rand_like(m[0].weight) > 0.98).float())
+    csr = to_sparse_csr(m)
+    rep = benchmark({"small": tiny_models["small"]}, torch_models={"csr": csr}, batch_sizes=(1, 4),
+                    repeats=2, warmup=1, rounds=2)
+    assert rep.models["csr"].latency[4].median_ms > 0 and rep.models["csr"].kind == "torch"

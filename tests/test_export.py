@@ -1,0 +1,457 @@
+"""Tests for lobster_fx.export: parity, file size, checker, dynamic batch, atomicity, errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+from lobster_fx.export import ExportError, export_onnx, sparsify_initializers
+
+
+def _sparsify_(model: nn.Module, sparsity: float, seed: int = 0) -> nn.Module:
+    """Zero a random ``sparsity`` share of every weight/bias in place."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_((torch.rand(p.shape, generator=g) >= sparsity).to(p.dtype))
+    return model
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = nn.functional.max_pool2d(x, 2)  # 12 -> 6
+        x = torch.relu(self.bn2(self.conv2(x)))  # 6 -> 4
+        return self.fc(x.flatten(1))
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(1)
+    m = SmallCNN()
+    # non-trivial running statistics so BatchNorm folding is really exercised
+    with torch.no_grad():
+        for bn in (m.bn1, m.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+    return _sparsify_(m, 0.95)
+
+
+def _ort_run(path: str | Path, *arrays: np.ndarray) -> list[np.ndarray]:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {i.name: a for i, a in zip(sess.get_inputs(), arrays)})
+
+
+def _leftovers(d: Path, keep: set[str]) -> list[str]:
+    return sorted(p.name for p in d.iterdir() if p.name not in keep)
+
+
+@pytest.fixture(scope="module")
+def mlp_files(tmp_path_factory):
+    """The 95%-sparse 784-300-100-10 MLP exported dense, int64 and compact."""
+    d = tmp_path_factory.mktemp("mlp")
+    model = _sparsify_(_mlp(), 0.95)
+    x = torch.randn(3, 784)
+    reports = {
+        kind: export_onnx(model, x, d / f"{kind}.onnx", slim=False, sparse=(kind != "dense"),
+                          index_dtype="compact" if kind == "compact" else "int64")
+        for kind in ("dense", "int64", "compact")
+    }
+    return model, x, d, reports
+
+
+# ------------------------------------------------------------------ parity
+
+
+@pytest.mark.parametrize("kind", ["dense", "int64", "compact"])
+def test_mlp_parity(mlp_files, kind):
+    model, x, d, reports = mlp_files
+    (out,) = _ort_run(d / f"{kind}.onnx", x.numpy())
+    ref = model.eval()(x).detach().numpy()
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    assert 0.0 <= reports[kind].parity_max_abs_diff <= 1e-5
+
+
+def test_cnn_with_batchnorm_parity(tmp_path):
+    model = _cnn()
+    x = torch.randn(2, 1, 12, 12)
+    rep = export_onnx(model, x, tmp_path / "cnn.onnx", slim=False)
+    model.eval()
+    for batch in (2, 5):
+        xb = torch.randn(batch, 1, 12, 12)
+        (out,) = _ort_run(rep.path, xb.numpy())
+        np.testing.assert_allclose(out, model(xb).detach().numpy(), rtol=1e-5, atol=1e-5)
+    assert rep.parity_max_abs_diff <= 1e-5
+    assert rep.sparse_initializers, "95%-sparse conv/fc weights should be stored sparse"
+    # BatchNorm is folded into Conv by the exporter: no BatchNormalization node left
+    ops = {n.op_type for n in onnx.load(rep.path).graph.node}
+    assert "BatchNormalization" not in ops and "Conv" in ops
+
+
+def test_export_leaves_model_mode_and_weights_alone(tmp_path):
+    model = _cnn().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_onnx(model, torch.randn(2, 1, 12, 12), tmp_path / "m.onnx", slim=False)
+    assert model.training and all(m.training for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+# ------------------------------------------------------------------ size
+
+
+def test_file_size_ratios(mlp_files):
+    _, _, d, reports = mlp_files
+    dense = os.path.getsize(d / "dense.onnx")
+    int64 = os.path.getsize(d / "int64.onnx")
+    compact = os.path.getsize(d / "compact.onnx")
+    assert int64 <= 0.2 * dense, int64 / dense
+    assert compact <= 0.12 * dense, compact / dense
+    # the report's dense size is that of the same graph stored dense
+    assert reports["int64"].dense_bytes == pytest.approx(dense, rel=0.01)
+    for r in reports.values():
+        assert r.file_bytes == os.path.getsize(r.path)
+    assert reports["int64"].ratio == pytest.approx(int64 / reports["int64"].dense_bytes)
+
+
+def test_initializer_info(mlp_files):
+    _, _, _, reports = mlp_files
+    infos = {i.name: i for i in reports["int64"].initializers}
+    w = next(i for i in infos.values() if i.shape == (300, 784))
+    assert w.storage == "sparse" and w.index_dtype == "int64"
+    assert 0.93 < w.sparsity < 0.97 and w.bytes < 0.2 * w.dense_bytes
+    compact = {i.shape: i.index_dtype for i in reports["compact"].initializers}
+    assert compact[(300, 784)] == "int32"  # 235,200 elements: needs 32-bit indices
+    assert compact[(100, 300)] == "int16"  # 30,000 fit in int16
+    assert all(i.storage == "dense" for i in reports["dense"].initializers)
+    d = json.loads(json.dumps(reports["compact"].to_dict()))
+    assert d["file_bytes"] == reports["compact"].file_bytes and d["initializers"][0]["storage"] in ("sparse", "dense")
+
+
+# ------------------------------------------------------------------ checker
+
+
+def test_checker_accepts_int64_file(mlp_files):
+    _, _, d, reports = mlp_files
+    m = onnx.load(d / "int64.onnx")
+    assert len(m.graph.sparse_initializer) >= 3
+    onnx.checker.check_model(m, full_check=False)
+    for sp in m.graph.sparse_initializer:
+        assert sp.indices.data_type == onnx.TensorProto.INT64
+        assert list(sp.indices.dims) == list(sp.values.dims)  # linearised 1-D indices
+
+
+def test_compact_file_is_only_for_onnxruntime(mlp_files):
+    _, _, d, _ = mlp_files
+    m = onnx.load(d / "compact.onnx")
+    assert any(sp.indices.data_type != onnx.TensorProto.INT64 for sp in m.graph.sparse_initializer)
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(m, full_check=False)
+
+
+def test_single_file_no_external_data(mlp_files):
+    _, _, d, _ = mlp_files
+    assert _leftovers(d, {"dense.onnx", "int64.onnx", "compact.onnx"}) == []
+    for f in ("dense.onnx", "int64.onnx"):
+        m = onnx.load(d / f, load_external_data=False)
+        assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in m.graph.initializer)
+
+
+# ------------------------------------------------------------------ dynamic batch
+
+
+def test_dynamic_batch(mlp_files):
+    model, _, d, _ = mlp_files
+    for batch in (1, 7):
+        x = torch.randn(batch, 784)
+        (out,) = _ort_run(d / "int64.onnx", x.numpy())
+        assert out.shape == (batch, 10)
+        np.testing.assert_allclose(out, model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_static_batch_when_asked(tmp_path):
+    m = nn.Sequential(nn.Linear(8, 4))
+    rep = export_onnx(m, torch.randn(3, 8), tmp_path / "s.onnx", slim=False, dynamic_batch=False)
+    dim0 = onnx.load(rep.path).graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_value == 3
+
+
+class _FixedBatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x).reshape(16)  # literal size: pins the batch to 4
+
+
+def test_specialised_batch_is_an_error(tmp_path):
+    with pytest.raises(ExportError, match="batch dimension"):
+        export_onnx(_FixedBatch(), torch.randn(4, 8), tmp_path / "f.onnx", slim=False)
+    assert _leftovers(tmp_path, set()) == []
+
+
+# ------------------------------------------------------------------ atomicity and errors
+
+
+class _Unexportable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.kthvalue(self.lin(x), 2, dim=1).values  # no ONNX translation
+
+
+def test_unexportable_op_is_named(tmp_path):
+    with pytest.raises(ExportError, match="kthvalue") as info:
+        export_onnx(_Unexportable(), torch.randn(3, 6), tmp_path / "u.onnx", slim=False)
+    assert info.value.op is not None and "kthvalue" in info.value.op
+    assert _leftovers(tmp_path, set()) == []
+
+
+def test_failed_export_keeps_existing_file(tmp_path):
+    target = tmp_path / "model.onnx"
+    good = export_onnx(nn.Sequential(nn.Linear(6, 6)), torch.randn(2, 6), target, slim=False)
+    before = target.read_bytes()
+    with pytest.raises(ExportError):
+        export_onnx(_Unexportable(), torch.randn(3, 6), target, slim=False)
+    assert target.read_bytes() == before and good.file_bytes == len(before)
+    assert _leftovers(tmp_path, {"model.onnx"}) == []
+
+
+def test_failure_after_temp_file_written_cleans_up(tmp_path, monkeypatch):
+    """A failure in the last check (ORT parity) must not replace the good file."""
+    import lobster_fx.export as ex
+
+    target = tmp_path / "model.onnx"
+    export_onnx(nn.Sequential(nn.Linear(6, 6)), torch.randn(2, 6), target, slim=False)
+    before = target.read_bytes()
+    seen: list[str] = []
+
+    def boom(path, *a, **k):
+        seen.append(path)
+        assert os.path.exists(path)  # the temp file exists at this point
+        raise ExportError("simulated parity failure")
+
+    monkeypatch.setattr(ex, "_ort_parity", boom)
+    with pytest.raises(ExportError, match="simulated"):
+        export_onnx(nn.Sequential(nn.Linear(6, 3)), torch.randn(2, 6), target, slim=False)
+    assert seen and Path(seen[0]).parent == tmp_path
+    assert target.read_bytes() == before
+    assert _leftovers(tmp_path, {"model.onnx"}) == []
+
+
+def test_missing_directory(tmp_path):
+    missing = tmp_path / "no" / "such"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        export_onnx(nn.Linear(4, 2), torch.randn(1, 4), missing / "m.onnx", slim=False)
+
+
+def test_wrong_input_shape_names_layer_and_shapes(tmp_path):
+    with pytest.raises(ValueError) as info:
+        export_onnx(_mlp(), torch.randn(3, 100), tmp_path / "m.onnx", slim=False)
+    msg = str(info.value)
+    assert "(*, 784)" in msg and "(3, 100)" in msg and "'0'" in msg and "Linear" in msg
+    with pytest.raises(ValueError, match=r"conv1.*\(N, 1, \*, \*\).*\(2, 3, 12, 12\)"):
+        export_onnx(_cnn(), torch.randn(2, 3, 12, 12), tmp_path / "c.onnx", slim=False)
+    assert _leftovers(tmp_path, set()) == []
+
+
+def test_wrong_shape_in_traced_graph_module(tmp_path):
+    """Traced-through Linear: the weight is a get_attr feeding F.linear, so the
+    layer comes from the node's nn_module_stack, the expectation from the weight."""
+    from lobster_fx.trace import trace_model
+
+    gm = trace_model(_mlp()).module
+    with pytest.raises(ValueError, match=r"layer '0' \(Linear\) expects input of shape \(\*, 784\) but got \(3, 100\)"):
+        export_onnx(gm, torch.randn(3, 100), tmp_path / "g.onnx", slim=False)
+
+
+class _Broken(nn.Module):
+    """Second layer expects 300 features but gets 200."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seq = nn.Sequential(nn.Linear(784, 200), nn.ReLU())
+        self.head = nn.Linear(300, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.seq(x))
+
+
+def test_wrong_shape_deep_layer(tmp_path):
+    with pytest.raises(ValueError, match=r"layer 'head' \(Linear\) expects input of shape \(\*, 300\) but got \(3, 200\)"):
+        export_onnx(_Broken(), torch.randn(3, 784), tmp_path / "b.onnx", slim=False)
+
+
+def test_bad_example_inputs_type(tmp_path):
+    with pytest.raises(TypeError):
+        export_onnx(nn.Linear(4, 2), [1, 2, 3], tmp_path / "m.onnx", slim=False)
+
+
+def test_traced_graph_module_exports(tmp_path):
+    from lobster_fx.trace import trace_model
+
+    model = _sparsify_(_mlp(), 0.9)
+    gm = trace_model(model).module
+    x = torch.randn(2, 784)
+    rep = export_onnx(gm, x, tmp_path / "gm.onnx", slim=False)
+    (out,) = _ort_run(rep.path, x.numpy())
+    np.testing.assert_allclose(out, model.eval()(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+    assert rep.ratio < 0.35
+
+
+_HAS_FOLD = importlib.util.find_spec("lobster_fx.fold") is not None
+_HAS_SLIM = importlib.util.find_spec("lobster_fx.slim") is not None
+
+
+@pytest.mark.skipif(not _HAS_FOLD, reason="lobster_fx.fold not written yet")
+def test_instrumented_model_is_folded(tmp_path):
+    """Masks are multiplied into the weights: one tensor per weight, small file,
+    and the caller's instrumented module keeps its (train) graph."""
+    import lobster_fx
+
+    gm = lobster_fx.instrument(_mlp())
+    g = torch.Generator().manual_seed(3)
+    for mask in lobster_fx.masks(gm).values():
+        mask.copy_((torch.rand(mask.shape, generator=g) >= 0.95).to(mask.dtype))
+    train_graph = gm.graph
+    x = torch.randn(3, 784)
+    rep = export_onnx(gm, x, tmp_path / "masked.onnx", slim=False)
+    assert rep.folded and rep.ratio <= 0.2
+    assert gm.training and gm.graph is train_graph
+    m = onnx.load(rep.path)
+    assert "Mul" not in {n.op_type for n in m.graph.node}
+    assert len(m.graph.sparse_initializer) + len(m.graph.initializer) <= 6  # no separate mask tensors
+    (out,) = _ort_run(rep.path, x.numpy())
+    np.testing.assert_allclose(out, gm.eval()(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not _HAS_SLIM, reason="lobster_fx.slim not written yet")
+def test_slim_export_removes_dead_units(tmp_path):
+    model = _sparsify_(_mlp(), 0.9)
+    with torch.no_grad():
+        model[0].weight[100:] = 0  # 200 of 300 hidden units only output relu(bias)
+        model[2].weight[:, 150:] = 0  # ... or feed nothing
+    x = torch.randn(4, 784)
+    fat = export_onnx(model, x, tmp_path / "fat.onnx", slim=False)
+    rep = export_onnx(model, x, tmp_path / "slim.onnx", slim=True)
+    assert rep.slimmed and not fat.slimmed
+    shapes = {i.shape for i in rep.initializers}
+    assert not any(300 in s for s in shapes), shapes  # the hidden layer shrank
+    assert rep.dense_bytes < fat.dense_bytes
+    for batch in (1, 7):
+        xb = torch.randn(batch, 784)
+        (out,) = _ort_run(rep.path, xb.numpy())
+        np.testing.assert_allclose(out, model.eval()(xb).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ sparsify_initializers directly
+
+
+def _if_model(w_main: np.ndarray, w_sub: np.ndarray) -> onnx.ModelProto:
+    """y = If(c, x @ W_main + W_sub, x): one initializer in the main graph used
+    inside the branch, one owned by the branch."""
+    f = onnx.TensorProto.FLOAT
+    then = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W_main"], ["t0"]), helper.make_node("Add", ["t0", "W_sub"], ["t"])],
+        "then", [], [helper.make_tensor_value_info("t", f, [None, w_main.shape[1]])],
+        initializer=[numpy_helper.from_array(w_sub, "W_sub")],
+    )
+    other = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W_main"], ["e"])], "else", [],
+        [helper.make_tensor_value_info("e", f, [None, w_main.shape[1]])],
+    )
+    g = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)], "g",
+        [helper.make_tensor_value_info("x", f, [None, w_main.shape[0]]),
+         helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", f, [None, w_main.shape[1]])],
+        initializer=[numpy_helper.from_array(w_main, "W_main")],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("index_dtype", ["int64", "compact"])
+def test_sparsify_main_and_subgraph_initializers(index_dtype):
+    rng = np.random.default_rng(0)
+    w_main = (rng.standard_normal((40, 30)) * (rng.random((40, 30)) > 0.9)).astype(np.float32)
+    w_sub = (rng.standard_normal((1, 30)) * (rng.random((1, 30)) > 0.5)).astype(np.float32)  # too dense
+    m = _if_model(w_main, w_sub)
+    x = rng.standard_normal((3, 40)).astype(np.float32)
+    before = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+              .run(None, {"x": x, "c": np.array(c)})[0] for c in (True, False)]
+    infos = {i.name: i for i in sparsify_initializers(m, index_dtype=index_dtype)}
+    assert infos["W_main"].storage == "sparse" and infos["W_main"].nnz == np.count_nonzero(w_main)
+    assert infos["W_main"].index_dtype == ("int64" if index_dtype == "int64" else "int16")
+    assert infos["W_sub"].storage == "dense"  # 50% sparse: sparse storage would be larger
+    assert infos["W_sub"].graph.endswith("then_branch")
+    assert [i.name for i in m.graph.initializer] == [] and len(m.graph.sparse_initializer) == 1
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    for c, ref in zip((True, False), before):
+        np.testing.assert_array_equal(sess.run(None, {"x": x, "c": np.array(c)})[0], ref)
+    if index_dtype == "int64":
+        onnx.checker.check_model(m, full_check=False)
+
+
+def test_sparsify_subgraph_keeps_int64_with_compact():
+    rng = np.random.default_rng(1)
+    w_main = rng.standard_normal((4, 30)).astype(np.float32)  # dense: stays dense
+    w_sub = np.zeros((1, 30), np.float32)
+    w_sub[0, 3] = 2.0
+    m = _if_model(w_main, w_sub)
+    infos = {i.name: i for i in sparsify_initializers(m, index_dtype="compact")}
+    assert infos["W_main"].storage == "dense"
+    # ONNX Runtime runs the ONNX checker on subgraphs, which wants INT64
+    assert infos["W_sub"].storage == "sparse" and infos["W_sub"].index_dtype == "int64"
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    out = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x, "c": np.array(True)})[0]
+    np.testing.assert_allclose(out, x @ w_main + w_sub, rtol=1e-6)
+
+
+def test_sparsify_respects_min_sparsity_and_bad_args():
+    w = np.zeros((50, 50), np.float32)
+    w[::2, ::2] = 1.0  # 75% sparse
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 50])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 50])],
+        initializer=[numpy_helper.from_array(w, "w")],
+    )
+    m = helper.make_model(g)
+    (info,) = sparsify_initializers(m, min_sparsity=0.8)
+    assert info.storage == "dense" and len(m.graph.initializer) == 1
+    (info,) = sparsify_initializers(m, min_sparsity=0.7)
+    assert info.storage == "sparse" and info.bytes < info.dense_bytes
+    with pytest.raises(ValueError):
+        sparsify_initializers(m, index_dtype="int32")
