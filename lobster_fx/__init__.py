@@ -9,12 +9,16 @@ Example::
     >>> rule = lobster_fx.Lobster(gm, opt, lmbda=1e-4)
 """
 
+from lobster_fx.bench import BenchReport, benchmark
+from lobster_fx.export import ExportReport, export_onnx
 from lobster_fx.fold import fold
 from lobster_fx.instrument import default_filter, instrument, masks
 from lobster_fx.prune import PruneResult, prune
 from lobster_fx.report import SparsityReport, sparsity_report
 from lobster_fx.rule import Lobster
 from lobster_fx.schedule import PlateauPruner
+from lobster_fx.slim import slim, slim_with_report
+from lobster_fx.sparse import to_sparse_csr
 
 __all__ = [
     "instrument",
@@ -27,5 +31,12 @@ __all__ = [
     "sparsity_report",
     "SparsityReport",
     "fold",
+    "slim",
+    "slim_with_report",
+    "to_sparse_csr",
+    "export_onnx",
+    "ExportReport",
+    "benchmark",
+    "BenchReport",
 ]
 __version__ = "0.1.0"

@@ -49,12 +49,13 @@ def run_demo(out: Path, *, dataset: str = "digits", data_root: str | None = None
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     if dataset == "digits":
-        config = TrainConfig(model="lenet300", dataset="digits", epochs=epochs or 150, batch_size=32, lr=0.05,
-                             lmbda=1e-3, twt=0.05, pwe=5, out_dir=str(out / "train"), progress=progress)
+        config = TrainConfig(model="lenet300", dataset="digits", epochs=epochs or 800, batch_size=32, lr=0.05,
+                             lmbda=5e-4, twt=0.05, pwe=3, out_dir=str(out / "train"), checkpoint_every=50,
+                             progress=progress)
     else:
         config = TrainConfig(model="lenet300", dataset=dataset, data_root=data_root, epochs=epochs or 30,
                              batch_size=100, lr=0.1, lmbda=1e-4, twt=0.05, pwe=3, out_dir=str(out / "train"),
-                             progress=progress)
+                             checkpoint_every=5, progress=progress)
     result = train(config, resume=False)
     gm, splits = result.gm, result.splits
     folded = fold(gm).eval()

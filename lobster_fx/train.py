@@ -176,7 +176,7 @@ def train(
     if config.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=config.epochs, initial=epoch0, desc=f"{config.model}/{config.dataset}", unit="epoch")
+        bar = tqdm(total=config.epochs, initial=epoch0, desc=f"{config.model}/{config.dataset}", unit="epoch", mininterval=1.0)
     gm.train()
     for epoch in range(epoch0, config.epochs):
         if config.lr_min_factor < 1.0:
