@@ -90,9 +90,25 @@ def run(setting: str, variant: str, minutes: float, pwe: int, epochs: int, threa
         ],
     }
     (RUNS / f"{name}.json").write_text(json.dumps(record, indent=1))
-    if variant == "lobster" and selected is not None:
-        torch.save(selected["state_dict"], RESULTS / f"{setting}.pt")
+    if variant == "lobster":
+        export_final_model(setting)
     print(f"{name}: done in {time.perf_counter() - t0:.0f} s this session, {result.wall_seconds:.0f} s in all")
+
+
+def export_final_model(setting: str) -> Path:
+    """benchmarks/results/<setting>.pt: the LOBSTER run's final model, folded, loadable
+    into the matching ``lobster_fx.models`` class."""
+    from lobster_fx.fold import fold
+    from lobster_fx.instrument import instrument
+    from lobster_fx.train import TrainConfig, build_model, load_splits
+
+    state = torch.load(CKPT / f"{setting}-lobster" / "checkpoint.pt", weights_only=False)
+    config = TrainConfig(**state["config"])
+    gm = instrument(build_model(config, load_splits(config)))
+    gm.load_state_dict(state["model"])
+    path = RESULTS / f"{setting}.pt"
+    torch.save(fold(gm).state_dict(), path)
+    return path
 
 
 def _best_at(trajectory: list[dict], max_error: float, key: str = "val_error") -> dict | None:
