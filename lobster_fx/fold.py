@@ -26,7 +26,7 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.nn.utils import parametrize
 
-from lobster_fx.instrument import lobster_info, masked_parameters, unwrap
+from lobster_fx.instrument import _resolve, lobster_info, masked_parameters, unwrap
 from lobster_fx.trace import LobsterGraphModule
 
 __all__ = ["fold"]
@@ -54,28 +54,30 @@ def fold(gm: nn.Module) -> GraphModule:
         info = lobster_info(folded)
     except TypeError:
         return folded
+    graph_masks: dict[int, torch.Tensor] = {}
     for entry, p, mask in masked_parameters(folded):
         if entry.route == "graph":
             p.mul_(mask)
+            graph_masks[id(mask)] = mask
+    # mask nodes are found structurally (mul by a get_attr of a mask buffer), so
+    # graphs rebuilt from code (pickle), which lose node.meta, fold too
     for sub in folded.modules():
         if not isinstance(sub, LobsterGraphModule):
             continue
         for graph in {id(g): g for g in sub.mode_graphs.values()}.values():
             for node in list(graph.nodes):
-                if "lobster_mask" not in node.meta:
+                if node.op != "get_attr" or id(_resolve(sub, node.target)) not in graph_masks:
                     continue
-                weight, mask_node = node.args
-                node.replace_all_uses_with(weight)
+                for mul in list(node.users):
+                    weight = mul.args[0] if mul.args[1] is node else mul.args[1]
+                    mul.replace_all_uses_with(weight)
+                    graph.erase_node(mul)
                 graph.erase_node(node)
-                if not mask_node.users:
-                    graph.erase_node(mask_node)
+    for module in folded.modules():
+        for name in [n for n, b in module._buffers.items() if b is not None and id(b) in graph_masks]:
+            del module._buffers[name]
     for entry in info.params.values():
-        if entry.route == "graph":
-            owner_path, _, attr = entry.mask_path.rpartition(".")
-            owner = folded.get_submodule(owner_path)
-            if attr in owner._buffers:
-                del owner._buffers[attr]
-        else:
+        if entry.route == "module":
             # param_path is "<owner>.parametrizations.<attr>.original"
             owner_path, _, rest = ("." + entry.param_path).rpartition(".parametrizations.")
             owner = folded.get_submodule(owner_path.lstrip("."))

@@ -134,6 +134,19 @@ class LobsterGraphModule(GraphModule):
             self.graph = graphs[mode]
         return self
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # GraphModule pickles the code of one graph only: pickle one plain
+        # GraphModule per mode (sharing tensors) and rebuild both graphs on load
+        per_mode = {}
+        for mode in (True, False):
+            g = self._lobster_graphs[mode]
+            if mode is False and g is self._lobster_graphs[True]:
+                per_mode[False] = per_mode[True]
+                continue
+            per_mode[mode] = GraphModule(self, g, class_name=type(self).__name__)
+            g.owning_module = self  # GraphModule() took ownership of the shared graph
+        return (_rebuild_lobster_graph_module, (per_mode[True], per_mode[False], self.training, self.meta))
+
     def __deepcopy__(self, memo: dict[int, Any]) -> "LobsterGraphModule":
         res = type(self).__new__(type(self))
         memo[id(self)] = res
@@ -145,6 +158,18 @@ class LobsterGraphModule(GraphModule):
                 setattr(res, attr, copy.deepcopy(self.__dict__[attr], memo))
         res.meta = copy.deepcopy(getattr(self, "meta", {}), memo)
         return res
+
+
+def _rebuild_lobster_graph_module(
+    train_gm: GraphModule, eval_gm: GraphModule, training: bool, meta: dict
+) -> LobsterGraphModule:
+    for node in eval_gm.graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            _copy_attr(eval_gm, train_gm, node.target)
+    graphs = {True: train_gm.graph, False: train_gm.graph if eval_gm is train_gm else eval_gm.graph}
+    res = LobsterGraphModule(train_gm, graphs, class_name=type(train_gm).__name__, training=training)
+    res.meta = meta
+    return res
 
 
 @dataclass
