@@ -291,13 +291,11 @@ def _mask_at_module_level(gm, model, pid, name, owner_name, original_ids, new_ma
     mod_path, attr = found
     # never parametrize a module object of the original model: swap in a copy sharing its tensors
     parent: nn.Module = gm
-    walked = []
     for part in mod_path.split(".") if mod_path else []:
         child = getattr(parent, part)
         if id(child) in original_ids:
             setattr(parent, part, _shallow_copy_module(child))
             child = getattr(parent, part)
-        walked.append(part)
         parent = child
     owner = gm.get_submodule(mod_path)
     p = owner._parameters[attr]
