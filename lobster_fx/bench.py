@@ -367,6 +367,7 @@ def _rebuild_code_module(body: dict[str, Any], import_block: str) -> Any:
 
 def _save_torch_model(model: Any, path: str) -> None:
     """``torch.save`` with GraphModules stored as code (see :func:`_rebuild_code_module`)."""
+    import copy
     import pickle
     import types
 
@@ -380,7 +381,12 @@ def _save_torch_model(model: Any, path: str) -> None:
     class _Pickler(pickle.Pickler):
         def reducer_override(self, obj: Any) -> Any:
             if isinstance(obj, torch.fx.GraphModule):
-                reduced = obj.__reduce__()
+                from lobster_fx.trace import LobsterGraphModule
+
+                if isinstance(obj, LobsterGraphModule):
+                    # timing needs the current mode only: reduce it as a plain GraphModule
+                    obj = torch.fx.GraphModule(obj, copy.deepcopy(obj.graph), class_name=type(obj).__name__)
+                reduced = torch.fx.GraphModule.__reduce__(obj)
                 if isinstance(reduced, tuple) and len(reduced) == 2 and len(reduced[1]) == 2:
                     body, import_block = reduced[1]
                     if isinstance(body, dict) and isinstance(import_block, str) and ("_code" in body or "code" in body):

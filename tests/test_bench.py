@@ -123,3 +123,20 @@ def test_csr_graph_module_in_same_run(tiny_models):
     rep = benchmark({"small": tiny_models["small"]}, torch_models={"csr": csr}, batch_sizes=(1, 4),
                     repeats=2, warmup=1, rounds=2)
     assert rep.models["csr"].latency[4].median_ms > 0 and rep.models["csr"].kind == "torch"
+
+
+def test_slim_and_csr_outputs_of_the_pipeline_can_be_benchmarked():
+    # regression: LobsterGraphModules (slim / to_sparse_csr results) failed to load in the torch worker
+    import lobster_fx
+    from lobster_fx.models import LeNet300
+
+    gm = lobster_fx.instrument(LeNet300())
+    with torch.no_grad():
+        for m in lobster_fx.masks(gm).values():
+            m.bernoulli_(0.02, generator=torch.Generator().manual_seed(0))
+    slimmed = lobster_fx.slim(lobster_fx.fold(gm).eval(), torch.randn(1, 784))
+    csr = lobster_fx.to_sparse_csr(slimmed)
+    report = lobster_fx.benchmark(
+        torch_models={"slim": slimmed, "csr": csr}, example_input=torch.randn(1, 784), rounds=1, repeats=2, batch_sizes=(1,)
+    )
+    assert all(report.models[n].latency[1].median_ms > 0 for n in ("slim", "csr"))
