@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from lobster_fx.slim import SlimError, slim, slim_with_report
+from lobster_fx.slim import DEFAULT_CHANNEL_MULTIPLE, SlimError, slim, slim_with_report
 from lobster_fx.trace import LobsterGraphModule, trace_model
 
 torch.set_num_threads(1)
@@ -227,7 +227,7 @@ def test_lenet5_exact_units() -> None:
         model.fc1.weight[d3] = 0
     snap = _snapshot(model)
     x = torch.randn(2, 1, 28, 28, generator=gen)
-    gm, rep = (lambda r: (r.module, r.report))(slim_with_report(model, x))
+    gm, rep = (lambda r: (r.module, r.report))(slim_with_report(model, x, channel_multiple=1))
 
     # fc1 units whose fc2 column is zero (95% of 10 entries: common) die too
     zero_cols = set(torch.nonzero((model.fc2.weight == 0).all(0)).flatten().tolist())
@@ -279,7 +279,7 @@ def test_resnet18_residual_groups() -> None:
         blk.conv2.weight[:, 10:14] = 0
     snap = _snapshot(model)
     x = torch.randn(1, 3, 32, 32, generator=gen)
-    res = slim_with_report(model, x)
+    res = slim_with_report(model, x, channel_multiple=1)
     gm, rep = res.module, res.report
     w = lambda name: tuple(gm.get_submodule(name).weight.shape)  # noqa: E731
 
@@ -328,7 +328,7 @@ def test_cat_of_two_branches() -> None:
         model.c.weight[:, 8 + 3] = 0  # channel 3 of branch b (offset 8 in the cat) unused
         model.c.weight[4] = 0  # constant, reaches fc through pool + flatten
     snap = _snapshot(model)
-    gm = slim(model, torch.randn(2, 3, 9, 9, generator=gen))
+    gm = slim(model, torch.randn(2, 3, 9, 9, generator=gen), channel_multiple=1)
     assert tuple(gm.get_submodule("a").weight.shape) == (7, 3, 3, 3)
     assert tuple(gm.get_submodule("b").weight.shape) == (5, 3, 1, 1)
     assert gm.get_submodule("bn").running_var.shape == (5,)
@@ -378,7 +378,8 @@ def test_depthwise_and_grouped_convs() -> None:
         model.bn0.bias[12] = 10
         model.pw.weight[5] = 0  # constant through dw2 (no padding) ... but the grouped conv g
     snap = _snapshot(model)  # reads channel 5 too, so the pw group is frozen: kept
-    gm, rep = (lambda r: (r.module, r.report))(slim_with_report(model, torch.randn(2, 3, 10, 10, generator=gen)))
+    res = slim_with_report(model, torch.randn(2, 3, 10, 10, generator=gen), channel_multiple=1)
+    gm, rep = res.module, res.report
     assert tuple(gm.get_submodule("c0").weight.shape) == (13, 3, 3, 3)
     assert tuple(gm.get_submodule("dw1").weight.shape) == (13, 1, 3, 3)
     assert gm.get_submodule("bn1").num_features == 13
@@ -457,3 +458,137 @@ def test_plain_module_in_train_mode_is_copied() -> None:
     assert gm.get_submodule("1").running_mean.shape == (4,)
     ref = copy.deepcopy(model).eval()
     _assert_parity(gm, ref, torch.randn(3, 8, generator=gen))
+
+
+# --------------------------------------------------------------------------- channel_multiple
+
+
+class AlignNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 24, 3)  # no padding
+        self.b = nn.Conv2d(24, 20, 1)
+        self.fc1 = nn.Linear(20, 12)
+        self.fc2 = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.b(F.relu(self.a(x))))
+        y = torch.flatten(F.adaptive_avg_pool2d(y, 1), 1)
+        return self.fc2(F.relu(self.fc1(y)))
+
+
+def _align_net() -> AlignNet:
+    """Dense weights (no accidental dead units) plus designed ones:
+    a: units 0-4 constant relu(0.5) (folded into b's bias), 5-9 feed nothing -> 14 live of 24;
+    b: units 0, 7, 19 feed nothing -> 17 live of 20; fc1 (Linear only): units 0-4 feed nothing -> 7 of 12."""
+    torch.manual_seed(10)
+    model = AlignNet().eval()
+    with torch.no_grad():
+        model.a.weight[:5] = 0
+        model.a.bias[:5] = 0.5
+        model.b.weight[:, 5:10] = 0
+        model.fc1.weight[:, [0, 7, 19]] = 0
+        model.fc2.weight[:, :5] = 0
+    return model
+
+
+def _params(a: int, b: int, f: int) -> int:
+    """AlignNet parameter count with a / b / fc1 keeping a, b, f units."""
+    return (a * 3 * 9 + a) + (b * a + b) + (f * b + f) + (5 * f + 5)
+
+
+@pytest.mark.parametrize("multiple,a,b,f,aligned", [
+    (1, 14, 17, 7, 0),  # exact: every removable unit goes
+    (8, 16, 20, 7, 5),  # a: 14 -> 16 (units 0, 1 kept); b: 17 -> 24 > 20, all kept; fc1 is Linear only
+    (16, 16, 20, 7, 5),
+    (32, 24, 20, 7, 13),  # a: 14 -> 32 > 24, all kept: nothing changes in the convs
+])
+def test_channel_multiple_hand_counted(multiple: int, a: int, b: int, f: int, aligned: int) -> None:
+    model = _align_net()
+    snap = _snapshot(model)
+    gen = torch.Generator().manual_seed(11)
+    res = slim_with_report(model, torch.randn(2, 3, 8, 8, generator=gen), channel_multiple=multiple)
+    gm, rep = res.module, res.report
+    assert rep.params_before == _params(24, 20, 12) == 1489
+    assert _n_params(gm) == rep.params_after == _params(a, b, f)
+    assert tuple(gm.get_submodule("a").weight.shape) == (a, 3, 3, 3)
+    assert tuple(gm.get_submodule("b").weight.shape) == (b, a, 1, 1)
+    assert tuple(gm.get_submodule("fc1").weight.shape) == (f, b)
+    assert rep.channel_multiple == multiple and rep.units_kept_for_alignment == aligned
+    if multiple in (8, 16):
+        # the first removable units by index are kept: constants 0 and 1 stay, are not folded
+        kept_a = [0, 1, *range(10, 24)]
+        assert torch.equal(gm.get_submodule("a").weight, model.a.weight[kept_a])
+        assert torch.equal(gm.get_submodule("b").weight, model.b.weight[:, kept_a])
+        folded = model.b.weight[:, 2:5].sum((2, 3)) @ torch.full((3,), 0.5)
+        assert torch.allclose(gm.get_submodule("b").bias, model.b.bias + folded, atol=1e-6)
+    _assert_parity(gm, model, torch.randn(5, 3, 8, 8, generator=gen))
+    _assert_unchanged(model, snap)
+
+
+def test_channel_multiple_default_and_validation() -> None:
+    model = _align_net()
+    x = torch.randn(2, 3, 8, 8)
+    rep = slim_with_report(model, x).report
+    assert rep.channel_multiple == DEFAULT_CHANNEL_MULTIPLE
+    gm = slim(model, x, channel_multiple=None)
+    assert gm.meta["lobster_slim"].params_after == rep.params_after
+    assert gm.get_submodule("a").weight.shape[0] % DEFAULT_CHANNEL_MULTIPLE == 0
+    for bad in (0, -8, True, 2.0, "8"):
+        with pytest.raises(ValueError, match="channel_multiple"):
+            slim(model, x, channel_multiple=bad)  # type: ignore[arg-type]
+
+
+def _resnet18_with_dead_filters(gen: torch.Generator) -> tuple[nn.Module, dict[str, int], int]:
+    """ResNet-18 at 90% sparsity; in every block 30% of conv1's filters die (constant 0 after
+    bn1 + ReLU, removable through the padded conv2); 13 stage-4 residual channels feed nothing.
+    Returns the model, the live conv1 filters per block and the live stage-4 channels."""
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    _randomise_bn(model, gen)
+    _sparsify(model, 0.9, gen)
+    live: dict[str, int] = {}
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torchvision.models.resnet.BasicBlock):
+                c = mod.conv1.out_channels
+                dead = torch.randperm(c, generator=gen)[: int(0.3 * c)]
+                mod.conv1.weight[dead] = 0
+                mod.bn1.bias[dead] = -10
+                live[f"{name}.conv1"] = c - dead.numel()
+        k4 = torch.randperm(512, generator=gen)[:13]
+        model.fc.weight[:, k4] = 0
+        model.layer4[1].conv1.weight[:, k4] = 0
+    return model, live, 512 - 13
+
+
+def test_channel_multiple_resnet18() -> None:
+    gen = torch.Generator().manual_seed(12)
+    model, live, stage4 = _resnet18_with_dead_filters(gen)
+    snap = _snapshot(model)
+    x = torch.randn(1, 3, 32, 32, generator=gen)
+    exact = slim_with_report(model, x, channel_multiple=1)
+    res = slim_with_report(model, x, channel_multiple=8)
+    gm, rep = res.module, res.report
+    w1 = lambda name: tuple(exact.module.get_submodule(name).weight.shape)  # noqa: E731
+    w8 = lambda name: tuple(gm.get_submodule(name).weight.shape)  # noqa: E731
+
+    # exact slim removes every designed dead unit; multiple 8 rounds those counts up
+    assert w1("fc") == (10, stage4) and w8("fc") == (10, 504)
+    for name, n in live.items():
+        assert w1(name)[0] == n
+        assert w8(name)[0] == -(-n // 8) * 8
+        blk = name.rsplit(".", 1)[0]
+        assert w8(f"{blk}.conv2")[1] == w8(name)[0]
+        assert gm.get_submodule(f"{blk}.bn1").num_features == w8(name)[0]
+    n_conv = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Conv2d):
+            n_conv += 1
+            out, inp = w8(name)[:2]
+            assert out % 8 == 0 or out == mod.out_channels, (name, out)
+            assert inp % 8 == 0 or inp == mod.in_channels, (name, inp)
+    assert n_conv == 20
+    assert rep.units_kept_for_alignment > 0 and rep.channel_multiple == 8
+    assert exact.report.params_after < rep.params_after < rep.params_before
+    _assert_parity(gm, model, torch.randn(2, 3, 32, 32, generator=gen))
+    _assert_unchanged(model, snap)

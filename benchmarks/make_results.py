@@ -1,0 +1,34 @@
+"""Assemble benchmarks/RESULTS.md from the per-benchmark markdown files in results/.
+
+Each benchmark script writes its own ``results/<name>.md`` (and ``.json``); this
+script only concatenates them under one heading each, with the command that made them.
+"""
+
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SECTIONS = [
+    ("demo", "Main job: `lobster-fx demo`", "lobster-fx demo --out lobster-demo"),
+    ("footprint", "Footprint: dense vs sparse file vs slim vs torch CSR (issue 3)", "python benchmarks/footprint.py"),
+    ("reproduce", "Paper reproduction (issue 4)", "python benchmarks/reproduce.py run ...; python benchmarks/reproduce.py summarize"),
+    ("coverage", "Coverage sweep (issue 5)", "python benchmarks/coverage.py"),
+    ("overhead", "Training overhead (issue 5)", "python benchmarks/overhead.py"),
+]
+
+
+def main() -> None:
+    parts = ["# Benchmark results", "", "Machine: 2 CPU cores, no GPU (CUDA paths not run). "
+             "Each section says how it was produced; timings are ratios taken side by side in one run.", ""]
+    for name, title, command in SECTIONS:
+        md = RESULTS / f"{name}.md"
+        if not md.exists():
+            continue
+        body = md.read_text().strip()
+        # each file may start with its own top heading: keep ours
+        lines = [ln for ln in body.splitlines() if not (ln.startswith("# ") or ln.startswith("## ") and ln[3:].strip() == title)]
+        parts += [f"## {title}", "", f"Command: `{command}`", "", *lines, ""]
+    (RESULTS.parent / "RESULTS.md").write_text("\n".join(parts))
+
+
+if __name__ == "__main__":
+    main()
