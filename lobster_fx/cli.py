@@ -51,11 +51,11 @@ def run_demo(out: Path, *, dataset: str = "digits", data_root: str | None = None
     if dataset == "digits":
         config = TrainConfig(model="lenet300", dataset="digits", epochs=epochs or 800, batch_size=32, lr=0.05,
                              lmbda=5e-4, twt=0.05, pwe=3, out_dir=str(out / "train"), checkpoint_every=50,
-                             progress=progress)
+                             threads=1, progress=progress)
     else:
         config = TrainConfig(model="lenet300", dataset=dataset, data_root=data_root, epochs=epochs or 30,
                              batch_size=100, lr=0.1, lmbda=1e-4, twt=0.05, pwe=3, out_dir=str(out / "train"),
-                             checkpoint_every=5, progress=progress)
+                             checkpoint_every=5, threads=1, progress=progress)
     result = train(config, resume=False)
     gm, splits = result.gm, result.splits
     folded = fold(gm).eval()
@@ -137,7 +137,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(model=args.model, dataset=args.dataset, data_root=args.data_root, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, lmbda=args.lmbda,
                          twt=args.twt, pwe=args.pwe, seed=args.seed, out_dir=args.out,
-                         max_minutes=args.max_minutes, progress=not args.no_progress)
+                         max_minutes=args.max_minutes, threads=args.threads, progress=not args.no_progress)
     result = train(config, resume=not args.restart)
     print(sparsity_report(result.gm).table())
     last = result.log[-1] if result.log else {}
@@ -208,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pwe", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--out", required=True)
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--no-progress", action="store_true")

@@ -62,6 +62,7 @@ class TrainConfig:
     out_dir: str | None = None  #: checkpoint.pt and log.json go here
     progress: bool = True
     checkpoint_every: int = 1  #: epochs between checkpoints (the last epoch is always saved)
+    threads: int | None = None  #: torch intra-op threads (None: torch's default); 1 suits small models on a busy machine
     eval_batch_size: int = 5000
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,6 +143,8 @@ def train(
     the same as an uninterrupted run).
     """
     start = time.perf_counter()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     splits = load_splits(config)
     model = build_model(config, splits)
