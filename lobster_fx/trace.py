@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import collections
 import copy
 import inspect
 from dataclasses import dataclass, field
@@ -204,20 +205,59 @@ def _set_modes(model: nn.Module, mode: bool) -> None:
         m.training = mode
 
 
-def _trace_both_modes(model: nn.Module, extra_leaves: set[int]) -> dict[bool, Graph]:
+def _trace_both_modes(
+    model: nn.Module,
+    extra_leaves: set[int],
+    concrete_args: dict[str, Any] | None = None,
+    proxy_buffers: bool = False,
+) -> dict[bool, Graph]:
     """Trace ``model`` in train and eval mode; restores every module's flag."""
     saved = [(m, m.training) for m in model.modules()]
     graphs: dict[bool, Graph] = {}
     try:
         for mode in (True, False):
             _set_modes(model, mode)
-            graphs[mode] = LobsterTracer(extra_leaves).trace(model)
+            tracer = LobsterTracer(extra_leaves)
+            tracer.proxy_buffer_attributes = proxy_buffers
+            graphs[mode] = tracer.trace(model, concrete_args=concrete_args)
+            _fresh_list_args(graphs[mode])
     finally:
         for m, t in saved:
             m.training = t
     if graphs[True].python_code("self").src == graphs[False].python_code("self").src:
         graphs[False] = graphs[True]
     return graphs
+
+
+def _fresh_list_args(graph: Graph) -> None:
+    """Pass a fresh ``list(...)`` where a traced call to a non-torch function
+    takes a list literal.
+
+    FX stores list arguments as ``immutable_list`` and ``fx.Interpreter`` (used
+    by torch.export and by our slim pass) hands them to the function as they
+    are, so a ``torch.fx.wrap``-ed helper that edits its list argument in place
+    (torchvision's Swin3D ``_get_window_and_shift_size``) raises
+    ``'immutable_list' object does not support mutation`` there, although the
+    generated code (which builds a new list per call) runs. Torch ops never
+    edit their list arguments and are left alone.
+    """
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        mod = getattr(node.target, "__module__", None) or ""
+        if mod == "torch" or mod.startswith("torch.") or mod in ("_operator", "operator", "builtins", "math"):
+            continue
+        if node.target is call_opaque:
+            continue
+
+        def fresh(a: Any) -> Any:
+            if isinstance(a, list):
+                with graph.inserting_before(node):
+                    return graph.call_function(list, (a,))
+            return a
+
+        node.args = tuple(fresh(a) for a in node.args)
+        node.kwargs = {k: fresh(v) for k, v in node.kwargs.items()}
 
 
 def is_original_leaf(obj: object, original: nn.Module) -> bool:
@@ -227,16 +267,33 @@ def is_original_leaf(obj: object, original: nn.Module) -> bool:
 _SIMPLE = (int, float, str, bool, tuple, type(None))
 
 
+def call_opaque(fn: Any, args: tuple, star_args: tuple, kwargs: dict, star_kwargs: dict) -> Any:
+    """``fn(*args, *star_args, **kwargs, **star_kwargs)``: how the graph of an opaque
+    root whose ``forward`` takes ``*args`` / ``**kwargs`` calls it (an FX node
+    cannot splat its arguments)."""
+    if not isinstance(star_kwargs, dict):
+        # fx.Interpreter (slim, export diagnostics) feeds a ``**kwargs`` placeholder the
+        # leftover positional arguments as a list: none are left after ``*args``
+        if star_kwargs:
+            raise TypeError(f"{type(fn).__name__}.forward got too many positional arguments")
+        star_kwargs = {}
+    return fn(*args, *star_args, **kwargs, **star_kwargs)
+
+
 def _wrap_opaque_root(module: nn.Module) -> LobsterGraphModule:
-    """A one-node graph calling ``module``: the root's own code does not trace."""
+    """A one-call graph calling ``module``: the root's own code does not trace.
+
+    The graph's ``forward`` has the signature of ``module.forward``, ``*args``
+    and ``**kwargs`` included (Hugging Face models take ``**kwargs``)."""
     sig = inspect.signature(module.forward)
     g = Graph()
     args, kwargs = [], {}
+    star_args = star_kwargs = None
     for p in sig.parameters.values():
         if p.kind is p.VAR_POSITIONAL:
-            args.append(g.placeholder("*" + p.name))
+            star_args = g.placeholder("*" + p.name)
         elif p.kind is p.VAR_KEYWORD:
-            kwargs["**"] = g.placeholder("**" + p.name)
+            star_kwargs = g.placeholder("**" + p.name)
         else:
             default = () if p.default is p.empty else (p.default,)
             node = g.placeholder(p.name, default_value=p.default if default else inspect.Signature.empty)
@@ -244,11 +301,14 @@ def _wrap_opaque_root(module: nn.Module) -> LobsterGraphModule:
                 kwargs[p.name] = node
             else:
                 args.append(node)
-    if "**" in kwargs or any(a.target.startswith("*") for a in args):
-        raise torch.fx.proxy.TraceError(
-            f"cannot wrap {type(module).__name__}.forward with *args/**kwargs"
+    if star_args is None and star_kwargs is None:
+        out = g.call_module("opaque", tuple(args), kwargs)
+    else:
+        fn = g.get_attr("opaque")
+        out = g.call_function(
+            call_opaque,
+            (fn, tuple(args), () if star_args is None else star_args, kwargs, {} if star_kwargs is None else star_kwargs),
         )
-    out = g.call_module("opaque", tuple(args), kwargs)
     g.output(out)
     holder = nn.Module()
     holder.opaque = module
@@ -277,9 +337,58 @@ def trace_model(model: nn.Module) -> TraceResult:
     return TraceResult(result, summary, opaque)
 
 
+def _ops(graph: Graph) -> collections.Counter:
+    """The operations of a graph (a multiset: reads of buffers may move), ignoring
+    inputs and FX's ``_assert_is_none`` guards."""
+    return collections.Counter(
+        (n.op, str(n.target))
+        for n in graph.nodes
+        if n.op not in ("placeholder", "output") and getattr(n.target, "__name__", "") != "_assert_is_none"
+    )
+
+
+def _none_defaults(module: nn.Module) -> list[str]:
+    try:
+        sig = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return []
+    return [
+        p.name for p in sig.parameters.values()
+        if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+
+
+def _check_none_branches(module: nn.Module, graphs: dict[bool, Graph]) -> None:
+    """TraceError if the code of ``module`` depends on whether an argument defaulting
+    to None is None (``if position_ids is None: ...``).
+
+    FX passes a proxy for every argument, so ``x is None`` is always False while
+    tracing and the graph silently keeps only the not-None branch; a parent that
+    calls the module without the argument would then fail (or compute something
+    else). Such a module is left opaque (its children are traced) instead. Only
+    used for submodules reached by the fallback: the root is called by the user,
+    who gets the whole-model trace.
+    """
+    for name in _none_defaults(module):
+        try:
+            specialised = _trace_both_modes(module, set(), concrete_args={name: None}, proxy_buffers=True)
+        except Exception:  # noqa: BLE001 - the code cannot run with None there: the proxy graph is right
+            continue
+        # the proxy graph again with buffers as proxies, so the two compare like with like
+        proxied = _trace_both_modes(module, set(), proxy_buffers=True)
+        for mode in (True, False):
+            if _ops(specialised[mode]) != _ops(proxied[mode]):
+                raise torch.fx.proxy.TraceError(
+                    f"{type(module).__name__}.forward branches on whether {name!r} is None "
+                    "(a traced graph would keep one branch only)"
+                )
+
+
 def _trace_subtree(module: nn.Module, qual: str, summary: TraceSummary, opaque: dict) -> nn.Module:
     try:
         graphs = _trace_both_modes(module, set())
+        if qual:
+            _check_none_branches(module, graphs)
         gm = LobsterGraphModule(module, graphs, class_name=type(module).__name__)
         summary.traced.append(qual)
         return gm

@@ -228,3 +228,121 @@ def test_shares_parameters_with_original_and_deepcopy_keeps_modes():
     x = torch.randn(1, 3, 32, 32)
     _check_both_modes(model, clone, x)
     assert sum(1 for _ in masked_parameters(clone)) == len(lobster_fx.masks(gm))
+
+
+class _KwargsRoot(nn.Module):
+    """Hugging Face style: forward takes **kwargs, and the root does not trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x, scale=None, *extra, **kwargs):
+        h = self.body(x)
+        if h.sum() > 0:  # data-dependent: the root stays opaque
+            h = h * 2
+        if scale is not None:
+            h = h * scale
+        return self.head(h) + kwargs.get("shift", 0) + sum(extra)
+
+
+def test_opaque_root_with_var_args_and_kwargs():
+    """Regression: an untraceable root whose forward has *args / **kwargs (every
+    Hugging Face model) used to raise 'cannot wrap ... with *args/**kwargs'."""
+    torch.manual_seed(0)
+    model = _KwargsRoot()
+    gm = lobster_fx.instrument(model)
+    assert "" in gm.meta["lobster"].trace.opaque
+    assert gm.meta["lobster"].params["body.weight"].route == "graph"
+    x = torch.randn(3, 4)
+    for args, kwargs in [((x,), {}), ((x, 2.0), {}), ((x, 2.0, 1.0, 3.0), {"shift": 5.0}), ((x,), {"scale": 3.0})]:
+        assert torch.equal(gm(*args, **kwargs), model(*args, **kwargs))
+    lobster_fx.masks(gm)["head.weight"].zero_()
+    torch.testing.assert_close(gm(x, shift=1.0), model.head.bias.expand(3, 2) + 1.0, rtol=0, atol=0)
+    folded = lobster_fx.fold(gm)
+    assert torch.equal(folded(x, shift=1.0), gm(x, shift=1.0))
+    # fx.Interpreter (slim, export diagnostics) feeds the **kwargs placeholder a list
+    assert torch.equal(torch.fx.Interpreter(gm).run(x, 2.0), gm(x, 2.0))
+
+
+class _PositionEmbedding(nn.Embedding):
+    """BART style: computes its own positions when none are given."""
+
+    def forward(self, x, position_ids=None):
+        if position_ids is None:
+            position_ids = torch.arange(x.shape[1]).expand(x.shape[0], -1)
+        return super().forward(position_ids + 1)
+
+
+class _CallsWithAndWithoutNone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc_pos = _PositionEmbedding(12, 4)
+        self.dec_pos = _PositionEmbedding(12, 4)
+        self.proj = nn.Linear(4, 3)
+
+    def forward(self, x):
+        if x.sum() > 1e9:  # data-dependent: the root stays opaque, its children are traced alone
+            return x
+        positions = torch.arange(x.shape[1]).flip(0).expand(x.shape[0], -1)
+        return self.proj(self.enc_pos(x) + self.dec_pos(x, position_ids=positions))
+
+
+def test_child_branching_on_none_argument_is_not_traced_with_one_branch():
+    """Regression: a submodule traced alone got a proxy for ``position_ids=None``, so
+    ``if position_ids is None`` was False while tracing and the graph kept only the
+    other branch; called without the argument it crashed ('NoneType' object has no
+    attribute ...). Such a submodule is now left opaque and masked at module level."""
+    torch.manual_seed(0)
+    model = _CallsWithAndWithoutNone()
+    gm = lobster_fx.instrument(model)
+    info = gm.meta["lobster"]
+    assert "enc_pos" in info.trace.opaque and "is None" in info.trace.errors["enc_pos"]
+    assert "proj" in info.trace.traced
+    assert info.params["enc_pos.weight"].route == "module"
+    x = torch.randn(2, 5, 4)
+    assert torch.equal(gm(x), model(x))
+    lobster_fx.masks(gm)["enc_pos.weight"][:3] = 0
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        ref.enc_pos.weight[:3] = 0
+    torch.testing.assert_close(gm(x), ref(x), rtol=0, atol=0)
+    assert torch.equal(lobster_fx.fold(gm)(x), gm(x))
+
+
+def _fit_window(window: list, size: list) -> list:
+    """Edits its list argument in place, like torchvision's Swin3D helper."""
+    for i in range(len(window)):
+        if size[i] < window[i]:
+            window[i] = size[i]
+    return window
+
+
+torch.fx.wrap("_fit_window")
+
+
+class _MutatesListLiteral(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        window = _fit_window([8, 3], [x.shape[0], x.shape[1]])
+        return self.proj(x)[: window[0], : window[1]]
+
+
+def test_wrapped_function_may_edit_its_list_argument():
+    """Regression: FX keeps list literals as immutable_list and fx.Interpreter (used by
+    torch.export and by slim) passes them as they are, so Swin3D's
+    ``_get_window_and_shift_size`` raised "'immutable_list' object does not support
+    mutation" in slim and export_onnx. Calls to non-torch functions now get a fresh list."""
+    torch.manual_seed(0)
+    model = _MutatesListLiteral()
+    gm = lobster_fx.instrument(model)
+    x = torch.randn(2, 4)
+    assert torch.equal(gm(x), model(x))
+    assert torch.equal(torch.fx.Interpreter(gm).run(x), model(x))
+    assert torch.equal(torch.fx.Interpreter(gm).run(x), model(x))  # twice: nothing was edited in the graph
+    slimmed = lobster_fx.slim(lobster_fx.fold(gm), (x,))
+    assert torch.equal(slimmed(x), model(x))
