@@ -157,6 +157,12 @@ class LobsterGraphModule(GraphModule):
         for attr in ("_state_dict_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"):
             if attr in self.__dict__:
                 setattr(res, attr, copy.deepcopy(self.__dict__[attr], memo))
+        # plain attributes copied from the original submodule (``_trace_subtree``), which
+        # opaque parent code may read (RAFT: ``self.update_block.hidden_state_size``);
+        # GraphModule.__init__ keeps only what the graph references
+        for k, v in fake.__dict__.items():
+            if not k.startswith("_") and isinstance(v, _SIMPLE) and k not in res.__dict__:
+                setattr(res, k, v)
         res.meta = copy.deepcopy(getattr(self, "meta", {}), memo)
         return res
 

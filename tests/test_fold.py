@@ -58,3 +58,44 @@ def test_fold_of_plain_module_is_a_copy():
     model = nn.Linear(3, 2)
     folded = lobster_fx.fold(model)
     assert folded is not model and torch.equal(folded.weight, model.weight)
+
+
+class _Update(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.hidden_state_size = 4  # a plain attribute the parent reads
+
+    def forward(self, x):
+        return torch.relu(self.fc(x))
+
+
+class _ReadsChildAttribute(nn.Module):
+    """RAFT style: untraceable parent code reads a plain attribute of a traced child."""
+
+    def __init__(self):
+        super().__init__()
+        self.update_block = _Update()
+
+    def forward(self, x):
+        for _ in range(int(x.abs().sum() > 0) + 1):  # data-dependent loop: the root stays opaque
+            x = self.update_block(x)[:, : self.update_block.hidden_state_size]
+        return x
+
+
+def test_fold_keeps_plain_attributes_of_traced_submodules():
+    """Regression: deepcopy (hence fold and export_onnx) of a traced submodule dropped
+    the plain attributes copied from the original child, and the opaque parent then
+    failed ('GraphModule' object has no attribute 'hidden_state_size', torchvision RAFT)."""
+    import copy
+
+    torch.manual_seed(0)
+    model = _ReadsChildAttribute()
+    gm = lobster_fx.instrument(model)
+    assert "update_block" in gm.meta["lobster"].trace.traced
+    x = torch.randn(2, 4)
+    assert torch.equal(gm(x), model(x))
+    assert torch.equal(copy.deepcopy(gm)(x), model(x))
+    _random_masks(gm, keep=0.5)
+    folded = lobster_fx.fold(gm)
+    assert torch.equal(folded(x), gm(x))

@@ -1,0 +1,229 @@
+"""Training-step overhead of lobster_fx: instrumented model + Lobster vs the plain model.
+
+Both sides use the same optimizer (SGD, momentum 0.9) and the same data; a step
+is ``zero_grad; cross_entropy(model(x), y).backward(); step``. The two sides are
+timed *interleaved* (A B B A ...) in rounds of ``--steps`` steps after a warm-up,
+and the ratio of the median step times is reported (target: <= 1.05x). The same
+is repeated with ``torch.compile`` applied to the model on both sides (the
+optimizer step, where the Lobster hooks run, stays eager), and
+``torch._dynamo.explain`` counts graphs and graph breaks on both sides, so any
+break caused by the instrumentation shows up as a difference.
+
+Usage::
+
+    python benchmarks/overhead.py                      # all models, eager + compile
+    python benchmarks/overhead.py --models lenet300 --rounds 5 --no-compile
+
+Writes benchmarks/results/overhead.json and overhead.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+MODELS = {
+    # name: (builder, input shape, batch)
+    "lenet300": (lambda: __import__("lobster_fx.models", fromlist=["LeNet300"]).LeNet300(), (784,), 64),
+    "resnet18": (lambda: __import__("torchvision").models.resnet18(num_classes=10), (3, 224, 224), 4),
+    "mobilenet_v3_small": (lambda: __import__("torchvision").models.mobilenet_v3_small(num_classes=10), (3, 224, 224), 4),
+    "vit_b_16": (lambda: __import__("torchvision").models.vit_b_16(num_classes=10), (3, 224, 224), 2),
+}
+
+
+def _sides(name: str, compile_: bool):
+    import lobster_fx
+
+    torch.manual_seed(0)
+    build, shape, batch = MODELS[name]
+    plain = build()
+    inst_src = copy.deepcopy(plain)
+    gm = lobster_fx.instrument(inst_src)
+    opt_p = torch.optim.SGD(plain.parameters(), lr=1e-3, momentum=0.9)
+    opt_l = torch.optim.SGD(gm.parameters(), lr=1e-3, momentum=0.9)
+    lobster_fx.Lobster(gm, opt_l, lmbda=1e-4)
+    plain.train()
+    gm.train()
+    if compile_:
+        plain_m, gm_m = torch.compile(plain), torch.compile(gm)
+    else:
+        plain_m, gm_m = plain, gm
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, *shape, generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    return {"plain": (plain_m, opt_p), "lobster": (gm_m, opt_l)}, x, y, (plain, gm)
+
+
+def _step(model, opt, x, y) -> float:
+    opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return float(loss)
+
+
+def _time_steps(model, opt, x, y, n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        _step(model, opt, x, y)
+    return (time.perf_counter() - t0) / n
+
+
+def _explain(model, x) -> dict:
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(model)(x)
+    return {
+        "graphs": ex.graph_count,
+        "graph_breaks": ex.graph_break_count,
+        "break_reasons": sorted({str(r.reason).splitlines()[0][:200] for r in ex.break_reasons})[:10],
+    }
+
+
+def measure(name: str, compile_: bool, rounds: int, steps: int, warmup: int) -> dict:
+    sides, x, y, (plain, gm) = _sides(name, compile_)
+    res: dict = {"model": name, "compile": compile_, "batch": x.shape[0], "input": list(x.shape[1:]),
+                 "rounds": rounds, "steps_per_round": steps}
+    if compile_:
+        res["explain"] = {"plain": _explain(plain, x), "lobster": _explain(gm, x)}
+        torch._dynamo.reset()
+        sides, x, y, (plain, gm) = _sides(name, compile_)
+    t0 = time.perf_counter()
+    for side in ("plain", "lobster"):  # warm-up (and compilation)
+        m, opt = sides[side]
+        for _ in range(warmup):
+            _step(m, opt, x, y)
+    res["warmup_seconds"] = round(time.perf_counter() - t0, 2)
+    times: dict[str, list[float]] = {"plain": [], "lobster": []}
+    for r in range(rounds):
+        order = ("plain", "lobster") if r % 2 == 0 else ("lobster", "plain")
+        for side in order:
+            m, opt = sides[side]
+            times[side].append(_time_steps(m, opt, x, y, steps))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    res.update(
+        plain_ms=round(med["plain"] * 1e3, 3),
+        lobster_ms=round(med["lobster"] * 1e3, 3),
+        ratio=round(med["lobster"] / med["plain"], 4),
+        plain_all_ms=[round(t * 1e3, 3) for t in times["plain"]],
+        lobster_all_ms=[round(t * 1e3, 3) for t in times["lobster"]],
+    )
+    if compile_:
+        # the compiled instrumented model computes what the eager one does
+        gm.eval()
+        with torch.no_grad():
+            eager = gm(x)
+            comp = sides["lobster"][0](x)
+        res["compiled_vs_eager_max_diff"] = float((eager - comp).abs().max())
+    return res
+
+
+def write_markdown(data: dict) -> None:
+    meta = data["meta"]
+    lines = [
+        "# Training-step overhead", "",
+        f"Instrumented model + `Lobster` (lmbda=1e-4) vs the plain model, both SGD momentum 0.9, "
+        f"cross-entropy, train mode; interleaved rounds, median per-step time. torch {meta['torch']}, "
+        f"{meta['threads']} threads on a {meta['cpus']}-core CPU machine that was **loaded** (two training "
+        "runs and another benchmark in the background, this run at nice 5): absolute times are inflated "
+        "and noisy, the ratios are the signal. Target <= 1.05x.", "",
+        "| model | batch | input | mode | plain ms | lobster ms | ratio | graphs (plain / lobster) | breaks (plain / lobster) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["results"]:
+        ex = r.get("explain")
+        graphs = f"{ex['plain']['graphs']} / {ex['lobster']['graphs']}" if ex else ""
+        breaks = f"{ex['plain']['graph_breaks']} / {ex['lobster']['graph_breaks']}" if ex else ""
+        mode = "torch.compile" if r["compile"] else "eager"
+        if "error" in r:
+            lines.append(f"| {r['model']} | | | {mode} | | | **{r['error']}** | | |")
+            continue
+        if r.get("explain_only"):
+            lines.append(f"| {r['model']} | {r['batch']} | {'x'.join(map(str, r['input']))} | {mode} (graph breaks "
+                         f"only, not timed) | | | | {graphs} | {breaks} |")
+            continue
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {'x'.join(map(str, r['input']))} | {mode} | {r['plain_ms']} | "
+            f"{r['lobster_ms']} | {r['ratio']:.3f}x | {graphs} | {breaks} |"
+        )
+    reasons = [(r["model"], side, ex_side["break_reasons"]) for r in data["results"] if r.get("explain")
+               for side, ex_side in r["explain"].items() if ex_side["break_reasons"]]
+    if reasons:
+        lines += ["", "Graph-break reasons:", ""]
+        lines += [f"- {m} ({side}): " + "; ".join(rs) for m, side, rs in reasons]
+    diffs = [(r["model"], r["compiled_vs_eager_max_diff"]) for r in data["results"] if "compiled_vs_eager_max_diff" in r]
+    if diffs:
+        lines += ["", "Compiled vs eager instrumented model (eval outputs), max |diff|: "
+                  + ", ".join(f"{m} {d:.1e}" for m, d in diffs)]
+    lines += [
+        "", "Where the time goes (all of it is elementwise work over the prunable parameters, so it",
+        "matters most where parameters are many relative to activations: LeNet-300's MLP, ResNet-18 at",
+        "batch 4; it vanishes behind ViT-B/16's attention and MobileNetV3's depthwise convs):",
+        "- forward `w * mask` and its backward (`grad * mask`): 2 extra passes per step;",
+        "- `Lobster`: 6 `_foreach` passes before `optimizer.step()` (`abs, neg, add, clamp_min, mul(w), mul(lmbda)`) and",
+        "  2 after (`sub`, `mul(mask)`), i.e. ~4x the memory traffic of SGD-momentum's own update; it runs eagerly",
+        "  even under `torch.compile`, which is why the compiled LeNet-300 ratio is worse than the eager one.",
+    ]
+    (RESULTS / "overhead.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=3, help="steps per round and side")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="1: on a loaded machine, 2 threads spin against other jobs")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--compile-only", action="store_true")
+    ap.add_argument("--explain-only", action="store_true",
+                    help="torch.compile: only count graphs / graph breaks (no inductor compile, no timing)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "overhead.json"
+    data = json.loads(path.read_text()) if path.exists() else {"results": []}
+    data["meta"] = {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
+                    "threads": args.threads, "loaded_machine": True}
+    modes = [] if args.compile_only else [False]
+    if not args.no_compile:
+        modes.append(True)
+    for name in args.models.split(","):
+        for c in modes:
+            steps = args.steps
+            try:
+                if c and args.explain_only:
+                    _, x, _, (plain, gm) = _sides(name, False)
+                    r = {"model": name, "compile": True, "explain_only": True, "batch": x.shape[0],
+                         "input": list(x.shape[1:]), "explain": {"plain": _explain(plain, x), "lobster": _explain(gm, x)}}
+                else:
+                    r = measure(name, c, args.rounds, steps, args.warmup)
+            except Exception as e:  # noqa: BLE001 - recorded
+                r = {"model": name, "compile": c, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            data["results"] = [x for x in data["results"] if not (x["model"] == name and x["compile"] == c)]
+            data["results"].append(r)
+            path.write_text(json.dumps(data, indent=1))
+            print(json.dumps({k: v for k, v in r.items() if not k.endswith("_all_ms")}), flush=True)
+    order = {n: i for i, n in enumerate(MODELS)}
+    data["results"].sort(key=lambda r: (order.get(r["model"], 99), r["compile"]))
+    path.write_text(json.dumps(data, indent=1))
+    write_markdown(data)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
