@@ -26,6 +26,8 @@ def main() -> None:
         body = md.read_text().strip()
         # each file may start with its own top heading: keep ours
         lines = [ln for ln in body.splitlines() if not (ln.startswith("# ") or ln.startswith("## ") and ln[3:].strip() == title)]
+        # sub-headings of a section sit one level below its title
+        lines = ["#" + ln if ln.startswith("## ") else ln for ln in lines]
         parts += [f"## {title}", "", f"Command: `{command}`", "", *lines, ""]
     (RESULTS.parent / "RESULTS.md").write_text("\n".join(parts))
 
