@@ -39,6 +39,10 @@ from lobster_fx.instrument import masked_parameters, unwrap
 __all__ = ["Lobster", "lobster_delta"]
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor" or type(getattr(t, "data", None)).__name__ == "DTensor"
+
+
 def lobster_delta(w: torch.Tensor, grad: torch.Tensor, lmbda: float) -> torch.Tensor:
     """``lmbda * w * relu(1 - |grad|)``: the LOBSTER shrinkage of eq. (6)."""
     return torch.relu(1 - grad.abs()).mul_(w).mul_(lmbda)
@@ -68,6 +72,12 @@ class Lobster:
             raise ValueError(
                 "the optimizer holds none of the instrumented model's prunable parameters; "
                 "build it from gm.parameters() of the module returned by lobster_fx.instrument"
+            )
+        sharded = [info.name for info, p, _ in masked_parameters(self.gm) if _is_dtensor(p)]
+        if sharded:
+            raise NotImplementedError(
+                f"Lobster does not support FSDP / DTensor-sharded parameters yet ({sharded[0]!r} is a DTensor): "
+                "its masks are plain tensors. Use DistributedDataParallel (see examples/ddp_torchrun.py)"
             )
         self.optimizer = optimizer
         self.steps = 0

@@ -235,3 +235,19 @@ def test_optimizer_without_model_parameters_is_an_error():
         lobster_fx.Lobster(gm, torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1))
     with pytest.raises(TypeError, match="not produced by lobster_fx.instrument"):
         lobster_fx.Lobster(_model(), torch.optim.SGD(_model().parameters(), lr=0.1))
+
+
+def test_fsdp_sharded_parameters_are_a_clear_error(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        gm = lobster_fx.instrument(_model())
+        fully_shard(gm)
+        opt = torch.optim.SGD(gm.parameters(), lr=0.1)
+        with pytest.raises(NotImplementedError, match="FSDP"):
+            lobster_fx.Lobster(gm, opt)
+        assert not opt._optimizer_step_pre_hooks
+    finally:
+        dist.destroy_process_group()
