@@ -1034,12 +1034,7 @@ def _apply(gm: GraphModule, an: _Analysis, plan: _Plan) -> None:
             if keep.all():
                 continue
             layer = an.layers[p]
-            idx = keep.nonzero().flatten()
-            w = _get_tensor(gm, layer.weight_target)
-            _set_tensor(gm, layer.weight_target, w.detach()[idx.to(w.device)].clone())
-            if layer.bias_target is not None:
-                b = _get_tensor(gm, layer.bias_target)
-                _set_tensor(gm, layer.bias_target, b.detach()[idx.to(b.device)].clone())
+            _keep_output_units(gm, layer, keep.nonzero().flatten())
             _sync_module_meta(gm, layer)
         for n, lay in an.channelwise:
             keep = plan.expand(lay)
@@ -1048,11 +1043,7 @@ def _apply(gm: GraphModule, an: _Analysis, plan: _Plan) -> None:
             if n in an.layers:  # depthwise conv
                 layer = an.layers[n]
                 idx = keep.nonzero().flatten()
-                w = _get_tensor(gm, layer.weight_target)
-                _set_tensor(gm, layer.weight_target, w.detach()[idx.to(w.device)].clone())
-                if layer.bias_target is not None:
-                    b = _get_tensor(gm, layer.bias_target)
-                    _set_tensor(gm, layer.bias_target, b.detach()[idx.to(b.device)].clone())
+                _keep_output_units(gm, layer, idx)
                 _set_arg(n, 6, "groups", int(idx.numel()))
                 layer.groups = int(idx.numel())
                 _sync_module_meta(gm, layer)
@@ -1115,6 +1106,14 @@ def _add_bias(gm: GraphModule, layer: _Layer, value: torch.Tensor) -> None:
         b = n.graph.get_attr(target)
     _set_arg(n, 2, "bias", b)
     layer.bias_target = target
+
+
+def _keep_output_units(gm: GraphModule, layer: Any, idx: torch.Tensor) -> None:
+    """Keep only output units ``idx`` of ``layer``'s weight (dim 0) and bias."""
+    for target in (layer.weight_target, layer.bias_target):
+        if target is not None:
+            t = _get_tensor(gm, target)
+            _set_tensor(gm, target, t.detach()[idx.to(t.device)].clone())
 
 
 def _sync_module_meta(gm: GraphModule, layer: _Layer) -> None:
