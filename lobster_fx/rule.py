@@ -82,6 +82,7 @@ class Lobster:
         self.optimizer = optimizer
         self.steps = 0
         self._pending: tuple | None = None
+        self._zeros_cache: dict[int, tuple[torch.Tensor, int, bool]] = {}
         self._handles = [
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
@@ -114,16 +115,15 @@ class Lobster:
                 grads.append(p.grad.to_dense() if p.grad.is_sparse else p.grad)
         deltas = None
         if self.lmbda > 0 and params:
-            # lmbda * w * relu(1 - |g|), as foreach ops: one kernel launch per op, not per tensor
+            # -w * relu(1 - |g|) = w * min(|g| - 1, 0) in 4 foreach passes; lmbda is
+            # applied by the fused add after the step
             deltas = torch._foreach_abs(grads)
             grad_scale = kwargs.get("grad_scale")
             if grad_scale is not None:
                 torch._foreach_div_(deltas, grad_scale)
-            torch._foreach_neg_(deltas)
-            torch._foreach_add_(deltas, 1.0)
-            torch._foreach_clamp_min_(deltas, 0.0)
+            torch._foreach_add_(deltas, -1.0)
+            torch._foreach_clamp_max_(deltas, 0.0)
             torch._foreach_mul_(deltas, [p.detach() for p in params])
-            torch._foreach_mul_(deltas, self.lmbda)
         self._pending = (params, masks, deltas)
 
     @torch.no_grad()
@@ -136,9 +136,21 @@ class Lobster:
             return
         params = [p.detach() for p in params]
         if deltas is not None:
-            torch._foreach_sub_(params, deltas)
-        torch._foreach_mul_(params, masks)  # pruned entries stay exactly zero whatever the optimizer did
+            torch._foreach_add_(params, deltas, alpha=self.lmbda)
+        # pruned entries stay exactly zero whatever the optimizer did (masks that are all
+        # ones are skipped; their all-ones state is cached per in-place version)
+        pinned = [(p, m) for p, m in zip(params, masks) if self._has_zeros(m)]
+        if pinned:
+            torch._foreach_mul_([p for p, _ in pinned], [m for _, m in pinned])
         self.steps += 1
+
+    def _has_zeros(self, mask: torch.Tensor) -> bool:
+        key = id(mask)
+        cached = self._zeros_cache.get(key)
+        if cached is None or cached[0] is not mask or cached[1] != mask._version:
+            cached = (mask, mask._version, not bool(mask.all()))
+            self._zeros_cache[key] = cached
+        return cached[2]
 
     def remove(self) -> None:
         """Detach from the optimizer; later steps are plain optimizer steps."""
