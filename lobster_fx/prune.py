@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from lobster_fx.instrument import masked_parameters, unwrap
+from lobster_fx.trace import LobsterGraphModule
 
 __all__ = ["prune", "PruneResult"]
 
@@ -146,6 +147,9 @@ def prune(
     finally:
         for m, t in modes:
             m.training = t
+        for m, _ in modes:  # a LobsterGraphModule must also switch back its graph
+            if isinstance(m, LobsterGraphModule):
+                m.sync_mode_graph()
 
     threshold = float(candidates[lo]) if lo >= 0 else -math.inf
     pruned = 0

@@ -130,10 +130,15 @@ class LobsterGraphModule(GraphModule):
 
     def train(self, mode: bool = True) -> "LobsterGraphModule":
         super().train(mode)
-        graphs = self.__dict__.get("_lobster_graphs")
-        if graphs is not None and graphs[mode] is not self.graph:
-            self.graph = graphs[mode]
+        self.sync_mode_graph()
         return self
+
+    def sync_mode_graph(self) -> None:
+        """Make the active graph the one of ``self.training`` (for code that sets
+        ``.training`` directly instead of calling ``.train()``)."""
+        graphs = self.__dict__.get("_lobster_graphs")
+        if graphs is not None and graphs[self.training] is not self.graph:
+            self.graph = graphs[self.training]
 
     def __reduce__(self) -> tuple[Any, ...]:
         # GraphModule pickles the code of one graph only: pickle one plain

@@ -106,3 +106,21 @@ def test_nan_loss_is_an_error_and_model_untouched():
         assert torch.equal(v, state[k]), k
     with pytest.raises(ValueError, match="nan"):
         lobster_fx.prune(gm, lambda m: float("nan"), 0.1)
+
+
+def test_prune_restores_the_active_graph_with_the_mode():
+    # regression: restoring only the .training flags left the eval graph active in train mode
+    import torchvision
+
+    torch.manual_seed(0)
+    gm = lobster_fx.instrument(torchvision.models.convnext_tiny(num_classes=3)).train()
+    train_graph = gm.graph
+    x = torch.randn(2, 3, 32, 32)
+
+    def evaluate(model):
+        model.eval()
+        with torch.no_grad():
+            return float(model(x).square().mean())
+
+    lobster_fx.prune(gm, evaluate, 0.0)
+    assert gm.training and gm.graph is train_graph
