@@ -624,10 +624,15 @@ def _torch_export(
                 )
                 return prog.model_proto
             names = [f"input_{i}" for i in range(len(inputs))] if len(inputs) > 1 else ["input"]
+            # output names are required: without them the legacy exporter takes a GraphModule's
+            # `.graph` for a TorchScript graph (AttributeError: 'Graph' object has no attribute 'outputs')
+            with torch.no_grad():
+                n_out = len(_flatten_outputs(model(*inputs)))
+            out_names = [f"output_{i}" for i in range(n_out)] if n_out > 1 else ["output"]
             axes = {n: {0: "batch"} for n, b in zip(names, batched) if b} if dynamic_batch else None
             buf = io.BytesIO()
             torch.onnx.export(
-                model, inputs, buf, dynamo=False, input_names=names, dynamic_axes=axes,
+                model, inputs, buf, dynamo=False, input_names=names, output_names=out_names, dynamic_axes=axes,
                 opset_version=opset, do_constant_folding=True,
             )
             return onnx.load_from_string(buf.getvalue())

@@ -455,3 +455,16 @@ def test_sparsify_respects_min_sparsity_and_bad_args():
     assert info.storage == "sparse" and info.bytes < info.dense_bytes
     with pytest.raises(ValueError):
         sparsify_initializers(m, index_dtype="int32")
+
+
+def test_torchscript_exporter_with_dynamic_batch_on_an_instrumented_model(tmp_path):
+    # regression: without output_names the legacy exporter mistook the GraphModule's .graph for TorchScript
+    import lobster_fx
+    from lobster_fx.models import LeNet300
+
+    gm = lobster_fx.instrument(LeNet300())
+    report = export_onnx(gm, torch.randn(1, 784), tmp_path / "ts.onnx", exporter="torchscript", slim=False)
+    sess = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 784)
+    (out,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), gm.eval()(x), rtol=1e-5, atol=1e-5)
