@@ -102,7 +102,7 @@ class PlateauPruner:
         val_loss = float(val_loss)
         if not math.isfinite(val_loss):
             raise ValueError(f"PlateauPruner.step: val_loss is {val_loss}")
-        if val_loss < self.best * (1 - self.threshold) or self.best == math.inf:
+        if val_loss < self.best * (1 - self.threshold):  # best starts at inf
             self.best = val_loss
             self.bad_epochs = 0
             if self.rollback:
