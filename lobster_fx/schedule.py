@@ -70,6 +70,8 @@ class PlateauPruner:
             raise ValueError(f"PlateauPruner: twt must be a finite number >= 0, got {twt}")
         if int(pwe) < 1:
             raise ValueError(f"PlateauPruner: pwe must be >= 1, got {pwe}")
+        if not 0.0 <= float(threshold) < 1.0:
+            raise ValueError(f"PlateauPruner: threshold must be in [0, 1), got {threshold}")
         if every_n_iterations is not None and int(every_n_iterations) < 1:
             raise ValueError(f"PlateauPruner: every_n_iterations must be >= 1, got {every_n_iterations}")
         self.gm = unwrap(gm)

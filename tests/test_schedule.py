@@ -57,7 +57,7 @@ def test_state_dict_roundtrip_continues_identically():
     assert ra == rb and any(ra)
 
 
-@pytest.mark.parametrize("kw", [{"twt": -1}, {"pwe": 0}, {"every_n_iterations": 0}])
+@pytest.mark.parametrize("kw", [{"twt": -1}, {"pwe": 0}, {"every_n_iterations": 0}, {"threshold": 1.0}])
 def test_bad_arguments(kw):
     with pytest.raises(ValueError):
         lobster_fx.PlateauPruner(_gm(), lambda m: 1.0, **kw)
