@@ -48,19 +48,22 @@ VARIANTS = {
 }
 
 
-def run(setting: str, variant: str, minutes: float, pwe: int, epochs: int, threads: int) -> None:
+def run(setting: str, variant: str, minutes: float, pwe: int, epochs: int, threads: int,
+        channels_last: bool | None = None) -> None:
     from lobster_fx.fold import fold
     from lobster_fx.train import TrainConfig, atomic_save, train
 
     torch.set_num_threads(threads)
     model, dataset, twt, targets = SETTINGS[setting]
+    if channels_last is None:  # NHWC: same arithmetic, ~1.3x faster conv training on CPU
+        channels_last = model == "lenet5"
     name = f"{setting}-{variant}"
     RUNS.mkdir(parents=True, exist_ok=True)
     CKPT.mkdir(parents=True, exist_ok=True)
     config = TrainConfig(
         model=model, dataset=dataset, data_root=str(DATA_ROOT), epochs=epochs, batch_size=100, lr=0.1,
         twt=twt, pwe=pwe if variant != "dense" else 10**9, max_minutes=minutes, out_dir=str(CKPT / name),
-        progress=False, **VARIANTS[variant],
+        progress=False, channels_last=channels_last, **VARIANTS[variant],
     )
     # the reported model: the most compressed one within the paper's error on *validation*
     max_val_error = max(err for _, err in targets)
@@ -195,10 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--pwe", type=int, default=20)
     r.add_argument("--epochs", type=int, default=100000)
     r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC training (default: on for LeNet-5)")
     sub.add_parser("summarize")
     args = p.parse_args(argv)
     if args.cmd == "run":
-        run(args.setting, args.variant, args.minutes, args.pwe, args.epochs, args.threads)
+        run(args.setting, args.variant, args.minutes, args.pwe, args.epochs, args.threads, args.channels_last)
     else:
         summarize()
     return 0
