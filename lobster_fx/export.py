@@ -679,12 +679,20 @@ def _ort_parity(path: str, inputs: tuple[Any, ...], reference: list[Any], atol: 
         if o.shape != r.shape:
             raise ExportError(f"output {k}: ONNX Runtime shape {o.shape} != torch shape {r.shape}")
         if o.size:
-            diff = float(np.max(np.abs(o.astype(np.float64) - r.astype(np.float64))))
+            o64, r64 = o.astype(np.float64), r.astype(np.float64)
+            if not np.array_equal(np.isnan(o64), np.isnan(r64)):
+                raise ExportError(f"output {k}: ONNX Runtime and torch disagree on which entries are NaN")
+            finite = ~np.isnan(r64)
+            diff = float(np.max(np.abs(o64 - r64)[finite], initial=0.0))
+            # relative to the output's scale, as slim checks: float kernels err in proportion to
+            # the magnitudes they sum, not to each output entry (a random-init MNASNet's ~1e8
+            # logits differ by ~50 from a different summation order)
+            scale = float(np.max(np.abs(r64)[finite], initial=0.0))
             worst = max(worst, diff)
-            if not np.allclose(o, r, rtol=rtol, atol=atol, equal_nan=True):
+            if not diff <= atol + rtol * scale:
                 raise ExportError(
-                    f"output {k}: ONNX Runtime differs from torch by up to {diff:.3e} "
-                    f"(tolerance rtol={rtol}, atol={atol})"
+                    f"output {k}: ONNX Runtime differs from torch by up to {diff:.3e} at output scale "
+                    f"{scale:.3e} (tolerance atol={atol} + rtol={rtol} * scale)"
                 )
     return worst
 
@@ -738,7 +746,8 @@ def export_onnx(
     when ``slim`` (:func:`lobster_fx.slim.slim`); export with ``torch.onnx``
     into memory; move sparse initializers to ``graph.sparse_initializer``
     (``sparse``); run ``onnx.checker``; write a temp file next to ``path``,
-    check ONNX Runtime reproduces torch within ``rtol``/``atol`` on the example,
+    check ONNX Runtime reproduces torch on the example (per output, max
+    ``|ort - torch| <= atol + rtol * max|torch|``: relative to the output's scale),
     then ``os.replace`` it onto ``path``. Any failure leaves no file behind and
     an existing ``path`` untouched.
 

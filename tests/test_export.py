@@ -98,6 +98,34 @@ def test_mlp_parity(mlp_files, kind):
     assert 0.0 <= reports[kind].parity_max_abs_diff <= 1e-5
 
 
+def test_parity_tolerance_is_relative_to_output_scale(tmp_path):
+    # float error grows with the magnitudes summed, so the bound is atol + rtol * max|output|:
+    # here 1e-5 + 1e-5 * ~1e4 = ~0.1 for every entry, including the one near zero
+    from lobster_fx.export import _ort_parity
+
+    model = nn.Linear(4, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1e4, 0.0, 0.0, 0.0], [0.0, 1e-3, 0.0, 0.0]]))
+        model.bias.zero_()
+    x = torch.ones(1, 4)
+    path = str(tmp_path / "big.onnx")
+    export_onnx(model, x, path, slim=False, sparse=False)
+    out = _ort_run(path, x.numpy())[0]
+    assert abs(out[0, 0]) > 9e3 and abs(out[0, 1]) < 1e-2
+
+    def check(delta_small_entry: float) -> float:
+        ref = out.copy()
+        ref[0, 1] += delta_small_entry
+        return _ort_parity(path, (x,), [torch.from_numpy(ref)], atol=1e-5, rtol=1e-5)
+
+    assert check(0.0) == 0.0
+    assert check(0.05) == pytest.approx(0.05, rel=1e-3)  # elementwise allclose would reject this
+    with pytest.raises(ExportError, match="output 0: ONNX Runtime differs from torch by up to 5.000e-01"):
+        check(0.5)
+    with pytest.raises(ExportError, match="NaN"):
+        check(float("nan"))
+
+
 def test_cnn_with_batchnorm_parity(tmp_path):
     model = _cnn()
     x = torch.randn(2, 1, 12, 12)
