@@ -217,6 +217,7 @@ def train(
             "test_error": t_err,
             "compression": rep.compression_ratio,
             "nonzero": rep.nonzero,
+            "layers": {layer.name: [layer.nonzero, layer.numel] for layer in rep.layers},  # paper's per-layer table
             "lr": opt.param_groups[0]["lr"],
             "pruned": None if result is None else result.to_dict(),
             "epoch_seconds": time.perf_counter() - t0,
