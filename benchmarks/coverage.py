@@ -12,7 +12,7 @@ of the message, seconds):
   train         3 training steps, SGD (momentum 0.9) + Lobster (lmbda 1e-3), a
                 simple loss on the output (detection models: train mode with
                 images + targets, the sum of the loss dict).
-  prune         lobster_fx.prune(twt=0.05) with evaluate = a fixed-batch loss
+  prune         lobster_fx.prune(twt=0.05, precision=0.01) with evaluate = a fixed-batch loss
                 in eval mode: 1 + sum ||out - ref||^2 / ||ref||^2 over the float
                 outputs, ref = the outputs just before pruning (detection: the
                 train-mode loss with frozen BatchNorm, seeded).
@@ -69,6 +69,7 @@ LMBDA = 1e-3
 LR = 1e-3
 STEPS = 3
 DEFAULT_MAX_PARAMS = 150e6
+PRUNE_PRECISION = 0.01
 
 # --------------------------------------------------------------------------- specs
 
@@ -730,9 +731,11 @@ def run_worker(spec: Spec, out_file: Path, threads: int) -> None:
                     total += float((o.double() - r).pow(2).sum() / r.pow(2).sum().clamp_min(1e-12))
                 return total if math.isfinite(total) else 1e9
 
-        res = lobster_fx.prune(gm, evaluate, twt=TWT)
+        # 1% search precision: ~7 fewer forward passes on big models, same code path
+        res = lobster_fx.prune(gm, evaluate, twt=TWT, precision=PRUNE_PRECISION)
         gm.eval()
         return {"sparsity": round(1 - res.remaining / max(res.total, 1), 4), "evaluations": res.evaluations,
+                "precision": PRUNE_PRECISION,
                 "loss_before": res.loss_before, "loss_after": res.loss_after}
 
     stage("prune", prune)

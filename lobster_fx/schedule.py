@@ -63,6 +63,7 @@ class PlateauPruner:
         every_n_iterations: int | None = None,
         threshold: float = 0.0,
         reuse_val_loss: bool = False,
+        search_precision: float = 0.0,
     ) -> None:
         if not callable(evaluate):
             raise TypeError("PlateauPruner: evaluate must be a callable model -> float")
@@ -82,6 +83,9 @@ class PlateauPruner:
         self.every_n_iterations = every_n_iterations
         self.threshold = float(threshold)
         self.reuse_val_loss = reuse_val_loss
+        if not 0.0 <= float(search_precision) < 1.0:
+            raise ValueError(f"PlateauPruner: search_precision must be in [0, 1), got {search_precision}")
+        self.search_precision = float(search_precision)
         self.best: float = math.inf
         self.bad_epochs = 0
         self.calls = 0
@@ -121,7 +125,8 @@ class PlateauPruner:
         return self._prune(loss_before)
 
     def _prune(self, loss_before: float | None) -> PruneResult:
-        result = prune(self.gm, self.evaluate, self.twt, loss_before=loss_before)
+        result = prune(self.gm, self.evaluate, self.twt, loss_before=loss_before,
+                       precision=self.search_precision)
         self.history.append({"call": self.calls, **result.to_dict()})
         self.best = result.loss_after
         self.bad_epochs = 0

@@ -55,6 +55,7 @@ class TrainConfig:
     pwe: int = 20
     rollback: bool = True
     plateau_threshold: float = 0.0
+    search_precision: float = 0.0  #: threshold search stops at this share of candidates (0 = exact, the paper)
     lr_min_factor: float = 1.0  #: cosine decay of lr down to lr*factor within each prune cycle (1 = constant)
     val_size: int = 5000
     seed: int = 0
@@ -162,7 +163,7 @@ def train(
 
     pruner = PlateauPruner(
         gm, val_loss, twt=config.twt, pwe=config.pwe, rollback=config.rollback,
-        threshold=config.plateau_threshold, reuse_val_loss=True,
+        threshold=config.plateau_threshold, reuse_val_loss=True, search_precision=config.search_precision,
     )
     gen = torch.Generator().manual_seed(config.seed)
     log: list[dict[str, Any]] = []

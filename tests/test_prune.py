@@ -51,6 +51,31 @@ def test_threshold_is_largest_admissible_and_evaluated(twt):
         assert torch.equal(p.detach(), w * mask)
 
 
+@pytest.mark.parametrize("precision", [0.01, 0.1])
+def test_coarse_search_saves_evaluations_and_stays_within_precision(precision):
+    gm_exact, originals, evaluate_exact, _ = _known_loss_model()
+    exact = lobster_fx.prune(gm_exact, evaluate_exact, 0.3)
+    gm, originals, evaluate, _ = _known_loss_model()
+    result = lobster_fx.prune(gm, evaluate, 0.3, precision=precision)
+    n = sum(w.numel() for w in originals.values())  # all distinct here
+    assert result.threshold <= exact.threshold
+    assert result.loss_after <= 1.3 * result.loss_before
+    assert result.loss_after == pytest.approx(evaluate(gm))  # still an evaluated state
+    assert exact.pruned - result.pruned <= precision * n
+    # bisection stops log2(precision * n) halvings early
+    assert result.evaluations <= exact.evaluations - math.floor(math.log2(precision * n)) + 1
+    assert result.evaluations < exact.evaluations
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, float("nan")])
+def test_bad_precision(bad):
+    gm, _, evaluate, _ = _known_loss_model()
+    with pytest.raises(ValueError, match="precision"):
+        lobster_fx.prune(gm, evaluate, 0.05, precision=bad)
+    with pytest.raises(ValueError, match="search_precision"):
+        lobster_fx.PlateauPruner(gm, evaluate, search_precision=bad)
+
+
 def test_pruned_stay_pinned_across_rounds():
     gm, originals, evaluate, _ = _known_loss_model()
     lobster_fx.prune(gm, evaluate, 0.05)
