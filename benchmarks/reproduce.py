@@ -55,7 +55,7 @@ def run(setting: str, variant: str, minutes: float, pwe: int, epochs: int, threa
 
     torch.set_num_threads(threads)
     model, dataset, twt, targets = SETTINGS[setting]
-    if channels_last is None:  # NHWC: same arithmetic, ~1.3x faster conv training on CPU
+    if channels_last is None:  # NHWC: same arithmetic; speed effect within noise (train_cost.md)
         channels_last = model == "lenet5"
     name = f"{setting}-{variant}"
     RUNS.mkdir(parents=True, exist_ok=True)
@@ -296,8 +296,8 @@ def summarize() -> None:
     lines += ["", "### Cost", "",
               "Seconds per epoch = training pass + validation + test evaluation + (at plateaus) the threshold "
               "search, on one thread. The search evaluates the validation loss ~log2(live weights) times per "
-              "pruning (exact search, as in the paper); `--search-precision 0.01` would stop ~7 evaluations "
-              "earlier.", "",
+              "pruning (exact search, as in the paper); `--search-precision 0.01` needs ~8 "
+              "(see train_cost.md).", "",
               "| setting | variant | epochs | s/epoch (median) | prunings | validation passes in searches |",
               "|---|---|---|---|---|---|"]
     for setting, recs in runs.items():

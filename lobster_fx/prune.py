@@ -99,8 +99,9 @@ def prune(
         precision: stop the bisection once the undecided candidates are at most
             this share of all of them (``0``: exact, the paper's largest threshold).
             The returned threshold still met the bound; it prunes at most
-            ``precision`` x (live parameters) fewer than the exact search, for
-            about ``log2(1 / precision)`` fewer evaluations of ``evaluate``.
+            ``precision`` x (live parameters) fewer than the exact search, and
+            needs about ``log2(1 / precision)`` evaluations instead of
+            ``log2(live parameters)`` (LeNet-5: 8 instead of 20 at 0.01).
 
     Returns:
         A :class:`PruneResult`. On error (NaN loss, bad ``twt``) the model is

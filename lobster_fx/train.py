@@ -65,8 +65,8 @@ class TrainConfig:
     checkpoint_every: int = 1  #: epochs between checkpoints (the last epoch is always saved)
     threads: int | None = None  #: torch intra-op threads (None: torch's default); 1 suits small models on a busy machine
     eval_batch_size: int = 5000
-    #: store conv weights and activations NHWC; same arithmetic, ~1.3x faster LeNet-5 training on CPU
-    #: (oneDNN's NHWC max-pool and conv kernels), measured in benchmarks/RESULTS.md
+    #: store conv weights and activations NHWC (oneDNN's NHWC kernels); same arithmetic. Its speed
+    #: effect on LeNet-5 is within this machine's noise: benchmarks/results/train_cost.md
     channels_last: bool = False
 
     def to_dict(self) -> dict[str, Any]:
