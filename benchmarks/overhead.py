@@ -153,8 +153,8 @@ def write_markdown(data: dict) -> None:
         "Absolute times are noisy, the interleaved ratios are the signal. Target <= 1.05x. "
         "'masks only' = the instrumented model without `Lobster` (eager), which splits the overhead into "
         "masking and the rule.", "",
-        "| model | batch | input | mode | plain ms | lobster ms | ratio | masks only ratio | graphs (plain / lobster) | breaks (plain / lobster) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | batch | input | mode | plain ms | lobster ms | ratio | masks only ratio | graphs (plain / lobster) | breaks (plain / lobster) | measured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["results"]:
         ex = r.get("explain")
@@ -162,16 +162,17 @@ def write_markdown(data: dict) -> None:
         breaks = f"{ex['plain']['graph_breaks']} / {ex['lobster']['graph_breaks']}" if ex else ""
         mode = "torch.compile" if r["compile"] else "eager"
         if "error" in r:
-            lines.append(f"| {r['model']} | | | {mode} | | | **{r['error']}** | | | |")
+            lines.append(f"| {r['model']} | | | {mode} | | | **{r['error']}** | | | | {r.get('measured', 'session 1')} |")
             continue
         if r.get("explain_only"):
             lines.append(f"| {r['model']} | {r['batch']} | {'x'.join(map(str, r['input']))} | {mode} (graph breaks "
-                         f"only, not timed) | | | | | {graphs} | {breaks} |")
+                         f"only, not timed) | | | | | {graphs} | {breaks} | {r.get('measured', 'session 1')} |")
             continue
         lines.append(
             f"| {r['model']} | {r['batch']} | {'x'.join(map(str, r['input']))} | {mode} | {r['plain_ms']} | "
             f"{r['lobster_ms']} | {r['ratio']:.3f}x | "
-            + (f"{r['masks_only_ratio']:.3f}x" if "masks_only_ratio" in r else "") + f" | {graphs} | {breaks} |"
+            + (f"{r['masks_only_ratio']:.3f}x" if "masks_only_ratio" in r else "")
+            + f" | {graphs} | {breaks} | {r.get('measured', 'session 1: older rule, loaded machine')} |"
         )
     reasons = [(r["model"], side, ex_side["break_reasons"]) for r in data["results"] if r.get("explain")
                for side, ex_side in r["explain"].items() if ex_side["break_reasons"]]
@@ -228,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                     r = measure(name, c, args.rounds, steps, args.warmup)
             except Exception as e:  # noqa: BLE001 - recorded
                 r = {"model": name, "compile": c, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            r["measured"] = time.strftime("%Y-%m-%d %H:%M")
             data["results"] = [x for x in data["results"] if not (x["model"] == name and x["compile"] == c)]
             data["results"].append(r)
             path.write_text(json.dumps(data, indent=1))
