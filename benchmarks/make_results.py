@@ -11,6 +11,7 @@ SECTIONS = [
     ("demo", "Main job: `lobster-fx demo`", "lobster-fx demo --out lobster-demo"),
     ("footprint", "Footprint: dense vs sparse file vs slim vs torch CSR (issue 3)", "python benchmarks/footprint.py"),
     ("reproduce", "Paper reproduction (issue 4)", "python benchmarks/reproduce.py run ...; python benchmarks/reproduce.py summarize"),
+    ("train_cost", "Training cost: step layouts and the threshold search (issue 4)", "python benchmarks/train_cost.py"),
     ("coverage", "Coverage sweep (issue 5)", "python benchmarks/coverage.py"),
     ("overhead", "Training overhead (issue 5)", "python benchmarks/overhead.py"),
 ]
