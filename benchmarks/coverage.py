@@ -518,6 +518,18 @@ def _freeze_bn(model: Any) -> None:
             m.eval()
 
 
+def _max_rel_err(a, b, shape_error: str) -> float:
+    """Largest |a - b| / max|a| over paired float outputs; AssertionError if shapes differ."""
+    worst = 0.0
+    for x, y in zip(a, b):
+        if x.shape != y.shape:
+            raise AssertionError(f"{shape_error} {tuple(x.shape)} -> {tuple(y.shape)}")
+        if x.is_floating_point() and x.numel():
+            scale = float(x.abs().max()) or 1.0
+            worst = max(worst, float((x.double() - y.double()).abs().max()) / scale)
+    return worst
+
+
 def _zero_share(m) -> float:
     """Share of the prunable parameters of an instrumented model that are zero."""
     from lobster_fx.instrument import masked_parameters
@@ -778,14 +790,7 @@ def run_worker(spec: Spec, out_file: Path, threads: int) -> None:
             b = _eval_outputs(res.module, inputs)
             if len(a) != len(b):
                 raise AssertionError("slim changed the number of outputs")
-            worst = 0.0
-            for x, y in zip(a, b):
-                if x.shape != y.shape:
-                    raise AssertionError(f"slim changed an output shape {tuple(x.shape)} -> {tuple(y.shape)}")
-                if x.is_floating_point() and x.numel():
-                    scale = float(x.abs().max()) or 1.0
-                    err = float((x.double() - y.double()).abs().max()) / scale
-                    worst = max(worst, err)
+            worst = _max_rel_err(a, b, "slim changed an output shape")
             if worst > 1e-5:
                 raise AssertionError(f"slim outputs differ by {worst:.3g} relative (> 1e-5)")
             r = res.report
@@ -807,14 +812,9 @@ def run_worker(spec: Spec, out_file: Path, threads: int) -> None:
                 raise type(e)(f"with 30% dead units: {_first_line(e)}") from e
             a = _eval_outputs(ffold, inputs)
             b = _eval_outputs(fres.module, inputs)
-            for x, y in zip(a, b):
-                if x.shape != y.shape:
-                    raise AssertionError(f"with 30% dead units: output shape {tuple(x.shape)} -> {tuple(y.shape)}")
-                if x.is_floating_point() and x.numel():
-                    scale = float(x.abs().max()) or 1.0
-                    err = float((x.double() - y.double()).abs().max()) / scale
-                    if err > 1e-5:
-                        raise AssertionError(f"with 30% dead units: outputs differ by {err:.3g} relative (> 1e-5)")
+            err = _max_rel_err(a, b, "with 30% dead units: output shape")
+            if err > 1e-5:
+                raise AssertionError(f"with 30% dead units: outputs differ by {err:.3g} relative (> 1e-5)")
             out.update(forced_params_before=fres.report.params_before, forced_params_after=fres.report.params_after,
                        forced_frozen_groups=len(fres.report.frozen))
             return out
