@@ -29,6 +29,8 @@ Example::
 from __future__ import annotations
 
 import math
+import types
+import warnings
 from typing import Any
 
 import torch
@@ -36,7 +38,11 @@ from torch import nn
 
 from lobster_fx.instrument import MaskedParam, lobster_info, masked_parameters, unwrap
 
-__all__ = ["Lobster", "lobster_delta"]
+__all__ = ["Lobster", "lobster_delta", "FUSE_MIN_NUMEL"]
+
+# fused="auto" compiles the rule when the prunable parameters hold at least this many
+# elements: below it the first step's compile (seconds) costs more than the rule itself
+FUSE_MIN_NUMEL = 1 << 20
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -48,6 +54,30 @@ def lobster_delta(w: torch.Tensor, grad: torch.Tensor, lmbda: float) -> torch.Te
     return torch.relu(1 - grad.abs()).mul_(w).mul_(lmbda)
 
 
+def _fused_deltas(params: list[torch.Tensor], grads: list[torch.Tensor], grad_scale: torch.Tensor | None) -> list[torch.Tensor]:
+    # -w * relu(1 - |g|) = w * min(|g| - 1, 0): the same ops as the eager path, in one pass
+    if grad_scale is None:
+        return [p * (g.abs() - 1).clamp_max(0) for p, g in zip(params, grads)]
+    return [p * (g.abs() / grad_scale - 1).clamp_max(0) for p, g in zip(params, grads)]
+
+
+def _fused_apply(free: list[torch.Tensor], free_deltas: list[torch.Tensor], pinned: list[torch.Tensor],
+                 pinned_deltas: list[torch.Tensor], pinned_masks: list[torch.Tensor], lmbda: float) -> None:
+    # the term after the optimizer's update, and the mask pin, in one pass per parameter
+    for p, d in zip(free, free_deltas):
+        p.add_(d, alpha=lmbda)
+    for p, d, m in zip(pinned, pinned_deltas, pinned_masks):
+        p.add_(d, alpha=lmbda).mul_(m)
+
+
+def _compile_private(fn):
+    # dynamo's cache (and its recompile limit of 8) is per code object: a private copy per
+    # Lobster keeps models in one process from evicting each other's kernels
+    code = fn.__code__.replace()
+    fresh = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return torch.compile(fresh, fullgraph=True, dynamic=False)
+
+
 class Lobster:
     """Apply the LOBSTER rule at every ``optimizer.step()`` of ``optimizer``.
 
@@ -57,12 +87,22 @@ class Lobster:
         optimizer: any ``torch.optim.Optimizer`` holding (some of) ``gm``'s
             prunable parameters; the rule touches those only.
         lmbda: the regularisation strength (not scaled by the learning rate).
+        fused: ``True`` runs the rule as two ``torch.compile``-generated kernels
+            (one pass over each parameter before the optimizer's update, one
+            after, the mask pin included) instead of 5-6 eager ``_foreach``
+            passes; ``False`` keeps the eager passes; ``None`` (default) fuses
+            when the prunable parameters hold at least ``FUSE_MIN_NUMEL``
+            elements. Compiling takes seconds at the first step. If it fails
+            (no C++ compiler for inductor on CPU, no triton on GPU) the rule
+            warns once and runs eagerly; ``rule.fused`` says which path runs.
+            Both compute the same arithmetic, equal to float rounding.
 
     ``remove()`` detaches the hooks; ``state_dict()`` / ``load_state_dict()``
     save and restore ``lmbda`` and the step count.
     """
 
-    def __init__(self, gm: nn.Module, optimizer: torch.optim.Optimizer, lmbda: float = 1e-4) -> None:
+    def __init__(self, gm: nn.Module, optimizer: torch.optim.Optimizer, lmbda: float = 1e-4, *,
+                 fused: bool | None = None) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"Lobster expects a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.gm = unwrap(gm)
@@ -88,6 +128,12 @@ class Lobster:
         self.steps = 0
         self._pending: tuple | None = None
         self._zeros_cache: dict[int, tuple[torch.Tensor, int, bool]] = {}
+        if fused not in (None, True, False):
+            raise ValueError(f"Lobster: fused must be True, False or None (auto), got {fused!r}")
+        if fused is None:
+            fused = sum(p.numel() for _, p, _ in masked_parameters(self.gm)) >= FUSE_MIN_NUMEL
+        self.fused = bool(fused)
+        self._kernels = (_compile_private(_fused_deltas), _compile_private(_fused_apply)) if self.fused else None
         self._handles = [
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
@@ -119,8 +165,9 @@ class Lobster:
     @torch.no_grad()
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict[str, Any]) -> None:
         self._pending = None
-        # fused optimizers under GradScaler get still-scaled grads plus these two
-        found_inf = kwargs.get("found_inf")
+        # GradScaler hands optimizers that unscale inside their step (fused=True) the
+        # still-scaled grads, with these two set as optimizer attributes for that step
+        found_inf = kwargs.get("found_inf", getattr(optimizer, "found_inf", None))
         if found_inf is not None and float(found_inf) != 0.0:
             return
         in_optimizer = self._in_optimizer(optimizer)
@@ -133,16 +180,31 @@ class Lobster:
                 grads.append(p.grad.to_dense() if p.grad.is_sparse else p.grad)
         deltas = None
         if self.lmbda > 0 and params:
-            # -w * relu(1 - |g|) = w * min(|g| - 1, 0) in 4 foreach passes; lmbda is
-            # applied by the fused add after the step
-            deltas = torch._foreach_abs(grads)
-            grad_scale = kwargs.get("grad_scale")
-            if grad_scale is not None:
-                torch._foreach_div_(deltas, grad_scale)
-            torch._foreach_add_(deltas, -1.0)
-            torch._foreach_clamp_max_(deltas, 0.0)
-            torch._foreach_mul_(deltas, params)
+            grad_scale = kwargs.get("grad_scale", getattr(optimizer, "grad_scale", None))
+            if self.fused:
+                deltas = self._run_fused(0, params, grads, grad_scale)
+            if deltas is None:
+                # -w * relu(1 - |g|) = w * min(|g| - 1, 0) in 4 foreach passes; lmbda is
+                # applied by the add after the step
+                deltas = torch._foreach_abs(grads)
+                if grad_scale is not None:
+                    torch._foreach_div_(deltas, grad_scale)
+                torch._foreach_add_(deltas, -1.0)
+                torch._foreach_clamp_max_(deltas, 0.0)
+                torch._foreach_mul_(deltas, params)
         self._pending = (params, masks, deltas)
+
+    def _run_fused(self, which: int, *args: Any) -> Any:
+        """Run compiled kernel ``which``; on a compile failure warn once, go eager, return None."""
+        try:
+            out = self._kernels[which](*args)
+            return True if out is None else out
+        except Exception as exc:  # inductor needs a C++ compiler (CPU) or triton (GPU)
+            self.fused, self._kernels = False, None
+            warnings.warn(f"Lobster: the fused rule could not be compiled ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); running the eager rule instead",
+                          RuntimeWarning, stacklevel=3)
+            return None
 
     @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -152,13 +214,23 @@ class Lobster:
         self._pending = None
         if not params:
             return
-        if deltas is not None:
-            torch._foreach_add_(params, deltas, alpha=self.lmbda)
         # pruned entries stay exactly zero whatever the optimizer did (masks that are all
         # ones are skipped; their all-ones state is cached per in-place version)
-        pinned = [(p, m) for p, m in zip(params, masks) if self._has_zeros(m)]
-        if pinned:
-            torch._foreach_mul_([p for p, _ in pinned], [m for _, m in pinned])
+        has_zeros = [self._has_zeros(m) for m in masks]
+        done = False
+        if deltas is not None and self.fused:
+            free = [i for i, z in enumerate(has_zeros) if not z]
+            pin = [i for i, z in enumerate(has_zeros) if z]
+            done = self._run_fused(
+                1, [params[i] for i in free], [deltas[i] for i in free],
+                [params[i] for i in pin], [deltas[i] for i in pin], [masks[i] for i in pin], self.lmbda,
+            ) is not None
+        if not done:
+            if deltas is not None:
+                torch._foreach_add_(params, deltas, alpha=self.lmbda)
+            pinned = [(p, m) for p, m, z in zip(params, masks, has_zeros) if z]
+            if pinned:
+                torch._foreach_mul_([p for p, _ in pinned], [m for _, m in pinned])
         self.steps += 1
 
     def _has_zeros(self, mask: torch.Tensor) -> bool:
@@ -183,4 +255,5 @@ class Lobster:
         self.steps = int(state["steps"])
 
     def __repr__(self) -> str:
-        return f"Lobster(lmbda={self.lmbda}, steps={self.steps}, optimizer={type(self.optimizer).__name__})"
+        return (f"Lobster(lmbda={self.lmbda}, steps={self.steps}, fused={self.fused}, "
+                f"optimizer={type(self.optimizer).__name__})")

@@ -251,3 +251,130 @@ def test_fsdp_sharded_parameters_are_a_clear_error(tmp_path):
         assert not opt._optimizer_step_pre_hooks
     finally:
         dist.destroy_process_group()
+
+
+# --- the fused (torch.compile) rule: same arithmetic as the eager one, to float rounding ---
+
+
+def test_fused_rule_matches_eq6_by_hand_and_pins_pruned_weights():
+    model = _model().double()
+    gm = lobster_fx.instrument(model)
+    x, y = (t.double() for t in _data())
+    eta, lmbda = 0.1, 0.05
+    opt = torch.optim.SGD(gm.parameters(), lr=eta)
+    rule = lobster_fx.Lobster(gm, opt, lmbda=lmbda, fused=True)
+    for step in range(4):
+        if step == 2:
+            _prune_half(gm)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        grads = _grads(gm, x, y)
+        opt.step()
+        assert rule.fused  # still the compiled path, no silent fallback
+        for (n, p), (_, _, mask) in zip(model.named_parameters(), masked_parameters(gm)):
+            expected = hand_eq6(before[n], grads[n], eta, lmbda)
+            if step >= 2:
+                expected = expected * mask
+                assert torch.all(p[mask == 0] == 0)
+            torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-15)
+            assert not torch.equal(p.detach(), (before[n] - eta * grads[n]) * (mask if step >= 2 else 1))
+    rule.lmbda = 0.0  # a changed lambda takes effect in the compiled kernel (no stale constant)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = _grads(gm, x, y)
+    opt.step()
+    for (n, p), (_, _, mask) in zip(model.named_parameters(), masked_parameters(gm)):
+        torch.testing.assert_close(p.detach(), (before[n] - eta * grads[n]) * mask, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+    ],
+    ids=["sgd-momentum-wd", "adamw"],
+)
+def test_fused_and_eager_rule_agree(make_opt):
+    ref = _model()
+    eager_gm, fused_gm = lobster_fx.instrument(copy.deepcopy(ref)), lobster_fx.instrument(copy.deepcopy(ref))
+    eager_opt, fused_opt = make_opt(eager_gm.parameters()), make_opt(fused_gm.parameters())
+    lobster_fx.Lobster(eager_gm, eager_opt, lmbda=0.02, fused=False)
+    fused_rule = lobster_fx.Lobster(fused_gm, fused_opt, lmbda=0.02, fused=True)
+    x, y = _data()
+    for step in range(6):
+        if step == 3:
+            _prune_half(eager_gm)
+            _prune_half(fused_gm)
+        for gm, opt in ((eager_gm, eager_opt), (fused_gm, fused_opt)):
+            _grads(gm, x, y)
+            opt.step()
+    assert fused_rule.fused
+    for (n, p), q in zip(eager_gm.named_parameters(), fused_gm.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=n)
+        assert not torch.equal(p, ref.get_parameter(n))
+
+
+@pytest.mark.parametrize("fused_rule", [False, True], ids=["eager-rule", "fused-rule"])
+def test_rule_unscales_gradients_of_fused_optimizers_under_grad_scaler(fused_rule):
+    # regression: GradScaler gives a fused optimizer still-scaled gradients and sets
+    # optimizer.grad_scale / found_inf for the step; the rule read them from the step's
+    # kwargs only, saw |g| > 1 and skipped the shrink. Eq. (6) is on the true gradient.
+    model = _model()
+    gm = lobster_fx.instrument(model)
+    eta, lmbda = 0.1, 0.05
+    opt = torch.optim.SGD(gm.parameters(), lr=eta, fused=True)
+    rule = lobster_fx.Lobster(gm, opt, lmbda=lmbda, fused=fused_rule)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x, y = _data()
+    true_grads = _grads(copy.deepcopy(model), x, y)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.zero_grad()
+    scaler.scale(nn.functional.mse_loss(gm(x), y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert rule.steps == 1 and rule.fused == fused_rule
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), hand_eq6(before[n], true_grads[n], eta, lmbda), rtol=1e-6, atol=1e-7)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.zero_grad()
+    scaler.scale(nn.functional.mse_loss(gm(x), y)).backward()
+    next(iter(gm.parameters())).grad[0, 0] = float("inf")
+    scaler.step(opt)
+    assert rule.steps == 1
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n])
+
+
+def test_fused_compile_failure_warns_and_falls_back_to_the_eager_rule(monkeypatch):
+    from lobster_fx import rule as rule_module
+
+    def broken_compile(fn):
+        def run(*args):
+            raise RuntimeError("no C++ compiler found\nlong traceback")
+        return run
+
+    monkeypatch.setattr(rule_module, "_compile_private", broken_compile)
+    model = _model()
+    gm = lobster_fx.instrument(model)
+    opt = torch.optim.SGD(gm.parameters(), lr=0.1)
+    rule = lobster_fx.Lobster(gm, opt, lmbda=0.05, fused=True)
+    x, y = _data()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = _grads(gm, x, y)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
+        opt.step()
+    assert not rule.fused and rule.steps == 1
+    for n, p in model.named_parameters():  # the step still got the whole rule
+        torch.testing.assert_close(p.detach(), hand_eq6(before[n], grads[n], 0.1, 0.05), rtol=0, atol=1e-7)
+
+
+def test_fused_auto_follows_parameter_count_and_bad_value_is_an_error(monkeypatch):
+    from lobster_fx import rule as rule_module
+
+    gm = lobster_fx.instrument(_model())
+    assert not lobster_fx.Lobster(gm, torch.optim.SGD(gm.parameters(), lr=0.1)).fused  # 53 weights
+    monkeypatch.setattr(rule_module, "FUSE_MIN_NUMEL", 53)
+    assert lobster_fx.Lobster(gm, torch.optim.SGD(gm.parameters(), lr=0.1)).fused
+    opt = torch.optim.SGD(gm.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="fused must be"):
+        lobster_fx.Lobster(gm, opt, fused="yes")
+    assert not opt._optimizer_step_pre_hooks
