@@ -10,9 +10,19 @@ after the DDP all-reduce, after ``GradScaler`` unscaled it), which exists when
 pre-hook that computes ``delta = lmbda * w_{t-1} * relu(1 - |g|)`` and a
 post-hook that subtracts it from whatever the optimizer produced: with plain SGD
 that is eq. (6) exactly, with any other optimizer the optimizer's own update
-plus the decoupled LOBSTER term. A step that ``GradScaler`` skips never calls
-``optimizer.step()``, so the rule is skipped too. The post-hook also pins pruned
-parameters to exactly zero (momentum, weight decay and Adam would move them).
+plus the decoupled LOBSTER term. When the optimizer's update does not read the
+weights (SGD, Adam, AdamW, RMSprop, ... with ``weight_decay=0``) the sum is the
+same if the pre-hook subtracts ``delta`` from ``w_{t-1}`` in place, which it then
+does: one pass, and no parameter-sized ``delta`` kept across the step. A step that ``GradScaler`` skips never calls
+``optimizer.step()``, so the rule is skipped too (a fused optimizer, which gets
+still-scaled gradients, sees ``optimizer.grad_scale`` / ``found_inf``, and so does
+the rule). The post-hook also pins pruned parameters to exactly zero (momentum,
+weight decay and Adam would move them).
+
+Each hook is either a few eager ``_foreach`` passes or, with ``fused=True``, one
+``torch.compile``-generated pass over each parameter: the rule is memory-bound, so
+fusing its elementwise passes (4-6 eager) into 1-2 is what makes it cheap on large
+models.
 
 Example::
 
@@ -70,6 +80,30 @@ def _fused_apply(free: list[torch.Tensor], free_deltas: list[torch.Tensor], pinn
         p.add_(d, alpha=lmbda).mul_(m)
 
 
+def _fused_shrink(params: list[torch.Tensor], grads: list[torch.Tensor], grad_scale: torch.Tensor | None,
+                  lmbda: float) -> None:
+    # w += lmbda * w * min(|g| - 1, 0), in place, before a weight-free optimizer update
+    for p, g in zip(params, grads):
+        a = g.abs() if grad_scale is None else g.abs() / grad_scale
+        p.addcmul_(p, (a - 1).clamp_max(0), value=lmbda)
+
+
+# optimizers whose update reads the gradient and their own state but not the weight, as long
+# as weight_decay is 0: shrinking w_{t-1} in place before their step gives eq. (6)'s sum
+# exactly (to rounding), in one pass and without a parameter-sized buffer kept across the step
+_WEIGHT_FREE_UPDATES = (
+    torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam,
+    torch.optim.RAdam, torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.Adadelta,
+)
+
+
+def _update_reads_weights(optimizer: torch.optim.Optimizer) -> bool:
+    # exact types: a subclass may override step()
+    if type(optimizer) not in _WEIGHT_FREE_UPDATES:
+        return True
+    return any(group.get("weight_decay", 0) != 0 for group in optimizer.param_groups)
+
+
 def _compile_private(fn):
     # dynamo's cache (and its recompile limit of 8) is per code object: a private copy per
     # Lobster keeps models in one process from evicting each other's kernels
@@ -87,10 +121,10 @@ class Lobster:
         optimizer: any ``torch.optim.Optimizer`` holding (some of) ``gm``'s
             prunable parameters; the rule touches those only.
         lmbda: the regularisation strength (not scaled by the learning rate).
-        fused: ``True`` runs the rule as two ``torch.compile``-generated kernels
-            (one pass over each parameter before the optimizer's update, one
-            after, the mask pin included) instead of 5-6 eager ``_foreach``
-            passes; ``False`` keeps the eager passes; ``None`` (default) fuses
+        fused: ``True`` runs the rule as ``torch.compile``-generated kernels,
+            one pass over each parameter (the in-place shrink) or two (the term
+            before the optimizer's update, then its addition with the mask pin),
+            instead of 4-6 eager ``_foreach`` passes; ``False`` keeps the eager passes; ``None`` (default) fuses
             when the prunable parameters hold at least ``FUSE_MIN_NUMEL``
             elements. Compiling takes seconds at the first step. If it fails
             (no C++ compiler for inductor on CPU, no triton on GPU) the rule
@@ -133,7 +167,7 @@ class Lobster:
         if fused is None:
             fused = sum(p.numel() for _, p, _ in masked_parameters(self.gm)) >= FUSE_MIN_NUMEL
         self.fused = bool(fused)
-        self._kernels = (_compile_private(_fused_deltas), _compile_private(_fused_apply)) if self.fused else None
+        self._kernels: dict[str, Any] = {}  # compiled on first use
         self._handles = [
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
@@ -181,26 +215,40 @@ class Lobster:
         deltas = None
         if self.lmbda > 0 and params:
             grad_scale = kwargs.get("grad_scale", getattr(optimizer, "grad_scale", None))
-            if self.fused:
-                deltas = self._run_fused(0, params, grads, grad_scale)
-            if deltas is None:
-                # -w * relu(1 - |g|) = w * min(|g| - 1, 0) in 4 foreach passes; lmbda is
-                # applied by the add after the step
-                deltas = torch._foreach_abs(grads)
-                if grad_scale is not None:
-                    torch._foreach_div_(deltas, grad_scale)
-                torch._foreach_add_(deltas, -1.0)
-                torch._foreach_clamp_max_(deltas, 0.0)
-                torch._foreach_mul_(deltas, params)
+            if not _update_reads_weights(optimizer):
+                # the shrink now, in place; the post-hook only pins
+                if not (self.fused and self._run_fused(_fused_shrink, params, grads, grad_scale, self.lmbda)):
+                    shrink = self._eager_min_abs_minus_one(grads, grad_scale)
+                    torch._foreach_addcmul_(params, params, shrink, value=self.lmbda)
+            else:
+                # the optimizer reads w (weight decay, ...): keep the term for after its update
+                if self.fused:
+                    deltas = self._run_fused(_fused_deltas, params, grads, grad_scale)
+                if deltas is None:
+                    deltas = self._eager_min_abs_minus_one(grads, grad_scale)
+                    torch._foreach_mul_(deltas, params)
         self._pending = (params, masks, deltas)
 
-    def _run_fused(self, which: int, *args: Any) -> Any:
-        """Run compiled kernel ``which``; on a compile failure warn once, go eager, return None."""
+    @staticmethod
+    def _eager_min_abs_minus_one(grads: list[torch.Tensor], grad_scale: torch.Tensor | None) -> list[torch.Tensor]:
+        # -relu(1 - |g|) = min(|g| - 1, 0), in 3 foreach passes
+        out = torch._foreach_abs(grads)
+        if grad_scale is not None:
+            torch._foreach_div_(out, grad_scale)
+        torch._foreach_add_(out, -1.0)
+        torch._foreach_clamp_max_(out, 0.0)
+        return out
+
+    def _run_fused(self, kernel, *args: Any) -> Any:
+        """Run ``kernel`` compiled; on a compile failure warn once, go eager, return None."""
         try:
-            out = self._kernels[which](*args)
+            compiled = self._kernels.get(kernel.__name__)
+            if compiled is None:
+                compiled = self._kernels[kernel.__name__] = _compile_private(kernel)
+            out = compiled(*args)
             return True if out is None else out
         except Exception as exc:  # inductor needs a C++ compiler (CPU) or triton (GPU)
-            self.fused, self._kernels = False, None
+            self.fused, self._kernels = False, {}
             warnings.warn(f"Lobster: the fused rule could not be compiled ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}); running the eager rule instead",
                           RuntimeWarning, stacklevel=3)
@@ -222,7 +270,7 @@ class Lobster:
             free = [i for i, z in enumerate(has_zeros) if not z]
             pin = [i for i, z in enumerate(has_zeros) if z]
             done = self._run_fused(
-                1, [params[i] for i in free], [deltas[i] for i in free],
+                _fused_apply, [params[i] for i in free], [deltas[i] for i in free],
                 [params[i] for i in pin], [deltas[i] for i in pin], [masks[i] for i in pin], self.lmbda,
             ) is not None
         if not done:

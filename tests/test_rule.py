@@ -288,10 +288,12 @@ def test_fused_rule_matches_eq6_by_hand_and_pins_pruned_weights():
 @pytest.mark.parametrize(
     "make_opt",
     [
-        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3),
+        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3),  # term after the update
         lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),  # shrink in place before it
+        lambda ps: torch.optim.Adam(ps, lr=1e-2),
     ],
-    ids=["sgd-momentum-wd", "adamw"],
+    ids=["sgd-momentum-wd", "adamw", "sgd-momentum", "adam"],
 )
 def test_fused_and_eager_rule_agree(make_opt):
     ref = _model()
@@ -378,3 +380,37 @@ def test_fused_auto_follows_parameter_count_and_bad_value_is_an_error(monkeypatc
     with pytest.raises(ValueError, match="fused must be"):
         lobster_fx.Lobster(gm, opt, fused="yes")
     assert not opt._optimizer_step_pre_hooks
+
+
+class _ShrinkingSGD(torch.optim.SGD):
+    """An update that reads the weight (w <- 0.9 w - lr g) and is not in the weight-free list."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.mul_(0.9).sub_(group["lr"] * p.grad)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager-rule", "fused-rule"])
+def test_optimizer_that_reads_weights_gets_the_term_after_its_update(fused):
+    # the in-place shrink before the step is only taken for the listed optimizers without
+    # weight decay; here it would give 0.9 * (w - term) - lr g instead of 0.9 w - lr g - term
+    from lobster_fx.rule import _update_reads_weights
+
+    model = _model()
+    gm = lobster_fx.instrument(model)
+    eta, lmbda = 0.1, 0.05
+    opt = _ShrinkingSGD(gm.parameters(), lr=eta)
+    assert _update_reads_weights(opt) and not _update_reads_weights(torch.optim.SGD(gm.parameters(), lr=eta))
+    lobster_fx.Lobster(gm, opt, lmbda=lmbda, fused=fused)
+    x, y = _data()
+    for _ in range(2):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        grads = _grads(gm, x, y)
+        opt.step()
+        for n, p in model.named_parameters():
+            g = grads[n]
+            expected = 0.9 * before[n] - eta * g - lmbda * before[n] * torch.relu(1 - g.abs())
+            torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7)
