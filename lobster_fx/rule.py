@@ -241,6 +241,8 @@ class Lobster:
 
     def _run_fused(self, kernel, *args: Any) -> Any:
         """Run ``kernel`` compiled; on a compile failure warn once, go eager, return None."""
+        if torch.compiler.is_compiling():
+            return None  # inside a compiled optimizer step: the eager ops get traced and fused there
         try:
             compiled = self._kernels.get(kernel.__name__)
             if compiled is None:
@@ -264,7 +266,10 @@ class Lobster:
             return
         # pruned entries stay exactly zero whatever the optimizer did (masks that are all
         # ones are skipped; their all-ones state is cached per in-place version)
-        has_zeros = [self._has_zeros(m) for m in masks]
+        if torch.compiler.is_compiling():  # a compiled optimizer step: no data-dependent branch
+            has_zeros = [True] * len(masks)
+        else:
+            has_zeros = [self._has_zeros(m) for m in masks]
         done = False
         if deltas is not None and self.fused:
             free = [i for i, z in enumerate(has_zeros) if not z]

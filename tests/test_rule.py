@@ -414,3 +414,36 @@ def test_optimizer_that_reads_weights_gets_the_term_after_its_update(fused):
             g = grads[n]
             expected = 0.9 * before[n] - eta * g - lmbda * before[n] * torch.relu(1 - g.abs())
             torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_compiled_optimizer_step_traces_the_rule_without_breaks_of_ours():
+    # torch.compile(opt.step): the hooks are traced into the graph (the fused kernels and the
+    # cached mask check step aside while compiling); same parameters as the eager step
+    import torch._dynamo
+
+    ref = _model()
+    x, y = _data()
+    params = {}
+    for kind in ("eager", "compiled"):
+        gm = lobster_fx.instrument(copy.deepcopy(ref))
+        opt = torch.optim.SGD(gm.parameters(), lr=0.1, momentum=0.9)
+        rule = lobster_fx.Lobster(gm, opt, lmbda=0.05, fused=True)
+        step = torch.compile(opt.step, backend="aot_eager") if kind == "compiled" else opt.step
+        for i in range(4):
+            if i == 2:
+                _prune_half(gm)
+            _grads(gm, x, y)
+            step()
+        assert rule.steps == 4
+        params[kind] = [p.detach().clone() for p in gm.parameters()]
+        if kind == "compiled":
+            _grads(gm, x, y)
+            torch._dynamo.reset()
+            explained = torch._dynamo.explain(opt.step)()
+            ours = [str(r.reason) for r in explained.break_reasons
+                    if any("lobster_fx" in frame.filename for frame in r.user_stack)]
+            assert ours == []
+    for e, c in zip(params["eager"], params["compiled"]):
+        torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-7)
+    for _, p, mask in masked_parameters(gm):
+        assert torch.all(p[mask == 0] == 0)
