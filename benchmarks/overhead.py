@@ -47,13 +47,31 @@ MODELS = {
 }
 
 
-def _sides(name: str, compile_: bool):
+def _prune_at_random(model: torch.nn.Module, fraction: float) -> None:
+    """Zero ``fraction`` of every prunable weight, and its mask where ``model`` is instrumented.
+
+    Same seed on every side, so all sides hold the same weights: the timing then includes the
+    pass that pins pruned weights after each step, which fresh all-ones masks skip."""
+    from lobster_fx.instrument import masked_parameters
+
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for _, p, mask in masked_parameters(model):
+            mask.copy_((torch.rand(p.shape, generator=g) >= fraction).to(mask.dtype))
+            p.mul_(mask)
+
+
+def _sides(name: str, compile_: bool, pruned: float = 0.0):
     import lobster_fx
 
     torch.manual_seed(0)
     build, shape, batch = MODELS[name]
     plain = build()
     plain.train()
+    if pruned:
+        # the plain side gets the same zeros (through a throw-away instrumented view that shares
+        # its parameters), so every side computes on the same weights
+        _prune_at_random(lobster_fx.instrument(plain), pruned)
     opt_p = torch.optim.SGD(plain.parameters(), lr=1e-3, momentum=0.9)
     sides = {"plain": (torch.compile(plain) if compile_ else plain, opt_p)}
     rules = {}
@@ -61,6 +79,8 @@ def _sides(name: str, compile_: bool):
     for side, fused in (("fused rule", True), ("eager rule", False)):
         gm = lobster_fx.instrument(copy.deepcopy(plain)).train()
         opt = torch.optim.SGD(gm.parameters(), lr=1e-3, momentum=0.9)
+        if pruned:
+            _prune_at_random(gm, pruned)
         rules[side] = lobster_fx.Lobster(gm, opt, lmbda=1e-4, fused=fused)
         sides[side] = (torch.compile(gm) if compile_ else gm, opt)
     default_fused = lobster_fx.Lobster(gm, torch.optim.SGD(gm.parameters(), lr=1e-3))
@@ -71,6 +91,8 @@ def _sides(name: str, compile_: bool):
     if not compile_:
         # masks without the rule: splits the overhead into forward/backward masking and Lobster
         masked_only = lobster_fx.instrument(copy.deepcopy(plain)).train()
+        if pruned:
+            _prune_at_random(masked_only, pruned)
         sides["masks only"] = (masked_only, torch.optim.SGD(masked_only.parameters(), lr=1e-3, momentum=0.9))
     return sides, x, y, (plain, gm), rules, default_fused.fused
 
@@ -102,14 +124,14 @@ def _explain(model, x) -> dict:
     }
 
 
-def measure(name: str, compile_: bool, rounds: int, steps: int, warmup: int) -> dict:
-    sides, x, y, (plain, gm), rules, default_fused = _sides(name, compile_)
-    res: dict = {"model": name, "compile": compile_, "batch": x.shape[0], "input": list(x.shape[1:]),
+def measure(name: str, compile_: bool, rounds: int, steps: int, warmup: int, pruned: float = 0.0) -> dict:
+    sides, x, y, (plain, gm), rules, default_fused = _sides(name, compile_, pruned)
+    res: dict = {"model": name, "compile": compile_, "pruned": pruned, "batch": x.shape[0], "input": list(x.shape[1:]),
                  "rounds": rounds, "steps_per_round": steps, "default_rule": "fused" if default_fused else "eager"}
     if compile_:
         res["explain"] = {"plain": _explain(plain, x), "lobster": _explain(gm, x)}
         torch._dynamo.reset()
-        sides, x, y, (plain, gm), rules, default_fused = _sides(name, compile_)
+        sides, x, y, (plain, gm), rules, default_fused = _sides(name, compile_, pruned)
     res["warmup_seconds"] = {}
     for side in sides:  # warm-up (and compilation: the model's under --compile, the fused rule's always)
         m, opt = sides[side]
@@ -150,6 +172,16 @@ def measure(name: str, compile_: bool, rounds: int, steps: int, warmup: int) -> 
     return res
 
 
+def _notes(data: dict) -> dict[str, set[str]]:
+    """What else ran on the machine, per measurement session (rows are re-measured piecemeal)."""
+    notes: dict[str, set[str]] = {}
+    for r in data["results"]:
+        note = r.get("note", data["meta"].get("note", ""))
+        if note and "measured" in r:
+            notes.setdefault(note, set()).add(r["measured"][:13] + "h")
+    return notes
+
+
 def write_markdown(data: dict) -> None:
     from lobster_fx.rule import FUSE_MIN_NUMEL
 
@@ -158,8 +190,9 @@ def write_markdown(data: dict) -> None:
         "# Training-step overhead", "",
         f"Instrumented model + `Lobster` (lmbda=1e-4) vs the plain model, both SGD momentum 0.9, "
         f"cross-entropy, train mode; interleaved rounds, median per-step time. torch {meta['torch']}, "
-        f"{meta['threads']} threads on a {meta['cpus']}-core CPU machine. {meta.get('note', '')} "
-        "Absolute times are noisy, the interleaved ratios are the signal. Target <= 1.05x. "
+        f"{meta['threads']} threads on a {meta['cpus']}-core CPU machine. "
+        + "".join(f"Rows measured {', '.join(sorted(when))}: {note} " for note, when in _notes(data).items())
+        + "Absolute times are noisy, the interleaved ratios are the signal. Target <= 1.05x. "
         "'masks only' = the instrumented model without `Lobster` (eager), which splits the overhead into "
         "masking and the rule.", "",
         "'lobster' is the default rule path (`Lobster(fused=None)`: the compiled kernels from "
@@ -173,6 +206,8 @@ def write_markdown(data: dict) -> None:
         graphs = f"{ex['plain']['graphs']} / {ex['lobster']['graphs']}" if ex else ""
         breaks = f"{ex['plain']['graph_breaks']} / {ex['lobster']['graph_breaks']}" if ex else ""
         mode = "torch.compile" if r["compile"] else "eager"
+        if r.get("pruned"):
+            mode += f", {r['pruned']:.0%} pruned"
         if "error" in r:
             lines.append(f"| {r['model']} | | | {mode} | | | **{r['error']}** | | | | | | {r.get('measured', 'session 1')} |")
             continue
@@ -209,8 +244,10 @@ def write_markdown(data: dict) -> None:
         "  in place before the step, 4 eager `_foreach` passes (`abs, add(-1), clamp_max(0), addcmul`) or",
         "  one compiled pass (reads g and w, writes w). With weight decay or an optimizer that reads w the",
         "  term is computed before the step and added after it: 5 eager passes, or 2 compiled ones;",
-        "- once masks have zeros, one more pass after the step pins pruned weights to 0. These runs",
-        "  time fresh (all-ones) masks, so that pass is not in the figures above.",
+        "- once masks have zeros, one more pass after the step pins pruned weights to 0 (eager",
+        "  `_foreach_mul`): rows marked 'pruned' (`--pruned 0.5`) time it, on weights and masks with",
+        "  half their entries zeroed at random (the plain side gets the same zeros); the other rows",
+        "  time fresh all-ones masks, where the pin is skipped.",
         "", "MobileNetV3-small compiled has come out below 1 in every run so far (0.87x, 0.95x, 0.90x): the",
         "compiled instrumented model is faster than the compiled plain one there. Not investigated; no",
         "speed-up is claimed from it.",
@@ -228,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--note", default="", help="what else ran on the machine (goes into overhead.md)")
     ap.add_argument("--compile-only", action="store_true")
+    ap.add_argument("--pruned", type=float, default=0.0,
+                    help="zero this fraction of every weight (and mask) first: times the pin pass after pruning")
     ap.add_argument("--explain-only", action="store_true",
                     help="torch.compile: only count graphs / graph breaks (no inductor compile, no timing)")
     args = ap.parse_args(argv)
@@ -245,20 +284,23 @@ def main(argv: list[str] | None = None) -> int:
             steps = args.steps
             try:
                 if c and args.explain_only:
-                    _, x, _, (plain, gm) = _sides(name, False)
+                    _, x, _, (plain, gm), _, _ = _sides(name, False)
                     r = {"model": name, "compile": True, "explain_only": True, "batch": x.shape[0],
                          "input": list(x.shape[1:]), "explain": {"plain": _explain(plain, x), "lobster": _explain(gm, x)}}
                 else:
-                    r = measure(name, c, args.rounds, steps, args.warmup)
+                    r = measure(name, c, args.rounds, steps, args.warmup, args.pruned)
             except Exception as e:  # noqa: BLE001 - recorded
                 r = {"model": name, "compile": c, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
             r["measured"] = time.strftime("%Y-%m-%d %H:%M")
-            data["results"] = [x for x in data["results"] if not (x["model"] == name and x["compile"] == c)]
+            r["pruned"] = args.pruned
+            r["note"] = args.note
+            data["results"] = [x for x in data["results"]
+                               if not (x["model"] == name and x["compile"] == c and x.get("pruned", 0.0) == args.pruned)]
             data["results"].append(r)
             path.write_text(json.dumps(data, indent=1))
             print(json.dumps({k: v for k, v in r.items() if not k.endswith("_all_ms")}), flush=True)
     order = {n: i for i, n in enumerate(MODELS)}
-    data["results"].sort(key=lambda r: (order.get(r["model"], 99), r["compile"]))
+    data["results"].sort(key=lambda r: (order.get(r["model"], 99), r.get("pruned", 0.0), r["compile"]))
     path.write_text(json.dumps(data, indent=1))
     write_markdown(data)
     return 0
