@@ -644,20 +644,32 @@ def run_worker(spec: Spec, out_file: Path, threads: int) -> None:
             # graph does not have (AttributeError); static batch sidesteps it
             kw_ts = {k: v for k, v in kw.items() if k != "dynamic_batch"}
             ts_tol = 1e-5
+            detections = None
             try:
                 try:
                     rep = lobster_fx.export_onnx(m, export_inputs, path, slim=False, exporter="torchscript",
                                                  dynamic_batch=False, **kw_ts)
                 except Exception as e4:  # noqa: BLE001
-                    if "ONNX Runtime differs" not in str(e4):
+                    if spec.family == "detection" and "ONNX Runtime shape" in str(e4):
+                        # NMS kept a different number of boxes: match detections instead of
+                        # positions (recorded, with the counts)
+                        detections = lobster_fx.DetectionParity()
+                        rep = lobster_fx.export_onnx(m, export_inputs, path, slim=False, exporter="torchscript",
+                                                     dynamic_batch=False, parity_fn=detections, **kw_ts)
+                    elif "ONNX Runtime differs" in str(e4):
+                        rep = lobster_fx.export_onnx(m, export_inputs, path, slim=False, exporter="torchscript",
+                                                     dynamic_batch=False, atol=1e-4, rtol=1e-4, **kw_ts)
+                        ts_tol = 1e-4
+                    else:
                         raise
-                    rep = lobster_fx.export_onnx(m, export_inputs, path, slim=False, exporter="torchscript",
-                                                 dynamic_batch=False, atol=1e-4, rtol=1e-4, **kw_ts)
-                    ts_tol = 1e-4
             except Exception as e2:  # noqa: BLE001
                 raise type(e)(f"dynamo: {_first_line(e)} | torchscript: {type(e2).__name__}: {_first_line(e2)}") from e
-            return {"exporter": "torchscript", "dynamo_error": dyn, "dynamic_batch": False, "parity_tolerance": ts_tol, "parity": rep.parity_max_abs_diff,
-                    "bytes": rep.file_bytes}
+            out = {"exporter": "torchscript", "dynamo_error": dyn, "dynamic_batch": False, "parity_tolerance": ts_tol,
+                   "parity": rep.parity_max_abs_diff, "bytes": rep.file_bytes}
+            if detections is not None:
+                out["parity_kind"] = "detections"
+                out["detections"] = detections.last
+            return out
 
     def dense_export():
         dense = copy.deepcopy(model).eval()
@@ -976,6 +988,22 @@ def main(argv: list[str] | None = None) -> int:
 
 # --------------------------------------------------------------------------- report
 
+#: failures looked into by hand (kept next to the table, so a re-run that still fails keeps them)
+DIAGNOSES = {
+    "fasterrcnn_mobilenet_v3_large_fpn": (
+        "torch keeps 88 boxes, the ONNX Runtime file 90; `DetectionParity` matches 68 of them. Every "
+        "detection of this pruned random-init model scores exactly 1/3: the 89%-pruned classification "
+        "head outputs constant logits over its 3 classes, so NMS and top-k choose among exactly tied "
+        "scores, and torch and ONNX Runtime break ties in different orders (inspected: the unmatched "
+        "boxes have equal scores and IoU 0.53-0.95 with their nearest counterpart). Not a float-level "
+        "difference and not a lobster_fx transform: the dense model matches elementwise. Left open."
+    ),
+    "fasterrcnn_mobilenet_v3_large_320_fpn": (
+        "same failure shape (72 vs 74 boxes, 56 matched) as fasterrcnn_mobilenet_v3_large_fpn, whose "
+        "cause was inspected (tied scores); this one was not inspected separately."
+    ),
+}
+
 
 def _cell(st: dict, stage: str) -> str:
     s = st.get("status", "?")
@@ -995,6 +1023,8 @@ def _cell(st: dict, stage: str) -> str:
             extra += " (static batch)"
         if st.get("parity_tolerance", 1e-5) > 1e-5:
             extra += f" (tol {st['parity_tolerance']:.0e})"
+        if st.get("parity_kind") == "detections":
+            extra += " (boxes " + ", ".join(f"{d['matched']}/{d['torch']}:{d['ort']}" for d in st["detections"]) + ")"
         return "ok" + extra
     if s in ("fail", "timeout", "crash"):
         return f"**{s.upper()}** {st.get('error', '')}".strip()
@@ -1044,7 +1074,11 @@ def write_markdown(data: dict) -> None:
         "(the rest is masked by parametrization); fold `(1e-7)` when not bit-identical; "
         "`(ts)`: the dynamo exporter failed and the torchscript exporter (`exporter='torchscript'`) worked; "
         "`(static batch)`: torch.export refused a dynamic batch dimension, exported with dynamic_batch=False; "
-        "`(tol 1e-04)`: ONNX Runtime parity failed at export_onnx's default 1e-5 and passed at 1e-4.", "",
+        "`(tol 1e-04)`: ONNX Runtime parity failed at export_onnx's default 1e-5 and passed at 1e-4.",
+        "`(boxes m/t:o)`: a detector whose ONNX Runtime run kept a different number of boxes than torch "
+        "(a float-level flip of an NMS or score-threshold decision) is checked with "
+        "`export_onnx(parity_fn=DetectionParity())`: m detections matched (same label, IoU >= 0.99, "
+        "scores and boxes within 1e-4 + 1e-4 * scale) of t in torch and o in ONNX Runtime; >= 95% required.", "",
     ]
     lines += ["## Per model", ""]
     lines += ["| model | family | params | " + " | ".join(STAGES) + " | s |", "|" + "---|" * (len(STAGES) + 4)]
@@ -1065,6 +1099,9 @@ def write_markdown(data: dict) -> None:
         for name, s, st in failures:
             msg = (st.get("message") or "").replace("|", "\\|").replace("\n", " ")[:240]
             lines.append(f"| {name} | {s} | {st.get('error', st.get('status'))} | {msg} |")
+        diagnosed = [(name, DIAGNOSES[name]) for name, _, _ in failures if name in DIAGNOSES]
+        if diagnosed:
+            lines += ["", "### What the failures are", ""] + [f"- {n}: {t}" for n, t in diagnosed]
     try:
         not_run = [s.name for s in all_specs() if s.name not in models]
     except Exception:  # noqa: BLE001 - the report must not need every optional package

@@ -496,3 +496,71 @@ def test_torchscript_exporter_with_dynamic_batch_on_an_instrumented_model(tmp_pa
     x = torch.randn(5, 784)
     (out,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
     torch.testing.assert_close(torch.from_numpy(out), gm.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+# --- parity for outputs whose count is data-dependent (detectors) ---
+
+
+def _detections(boxes, labels, scores):
+    return [np.asarray(boxes, np.float32), np.asarray(labels, np.int64), np.asarray(scores, np.float32)]
+
+
+def test_detection_parity_matches_detections_not_positions():
+    from lobster_fx.export import DetectionParity
+
+    torch_out = _detections([[0, 0, 10, 10], [20, 20, 40, 40], [5, 5, 8, 9]], [1, 2, 1], [0.9, 0.5, 0.2])
+    # same detections in another order, one box off by 2e-3 (IoU ~0.9997)
+    ort_out = _detections([[5, 5, 8, 9], [0, 0, 10, 10.002], [20, 20, 40, 40]], [1, 1, 2], [0.2, 0.9, 0.5])
+    check = DetectionParity()
+    assert check(ort_out, torch_out) == pytest.approx(2e-3, rel=1e-3)
+    assert check.last == [{"torch": 3, "ort": 3, "matched": 3}]
+    # an elementwise comparison would call this a mismatch; so does it, with a moved box
+    moved = _detections([[5, 5, 8, 9], [0, 0, 10, 12], [20, 20, 40, 40]], [1, 1, 2], [0.2, 0.9, 0.5])
+    with pytest.raises(ExportError, match="match for 2 of 3"):
+        check(moved, torch_out)
+    relabelled = _detections([[5, 5, 8, 9], [0, 0, 10, 10], [20, 20, 40, 40]], [1, 3, 2], [0.2, 0.9, 0.5])
+    with pytest.raises(ExportError, match="match for 2 of 3"):
+        check(relabelled, torch_out)
+    rescored = _detections([[5, 5, 8, 9], [0, 0, 10, 10], [20, 20, 40, 40]], [1, 1, 2], [0.2, 0.8, 0.5])
+    with pytest.raises(ExportError, match="match for 2 of 3"):
+        check(rescored, torch_out)
+
+
+def test_detection_parity_tolerates_a_few_extra_or_missing_detections():
+    from lobster_fx.export import DetectionParity
+
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 100, (40, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(5, 20, (40, 2))], axis=1)
+    labels, scores = rng.integers(1, 5, 40), rng.uniform(0.05, 1, 40)
+    torch_out = _detections(boxes[:39], labels[:39], scores[:39])
+    ort_out = _detections(boxes, labels, scores)  # one more (a flipped NMS decision): 39/40 >= 95%
+    assert DetectionParity()(ort_out, torch_out) == 0.0
+    fewer = _detections(boxes[:37], labels[:37], scores[:37])  # 37/40 < 95%
+    with pytest.raises(ExportError, match="match for 37 of 40"):
+        DetectionParity()(fewer, ort_out)
+    with pytest.raises(ExportError, match="groups of 3"):
+        DetectionParity()(ort_out[:2], torch_out[:2])
+
+
+def test_export_onnx_parity_fn_replaces_the_elementwise_check(tmp_path):
+    model = nn.Linear(4, 2)
+    x = torch.randn(3, 4)
+    seen = []
+
+    def accept(ort_outputs, torch_outputs):
+        seen.append((ort_outputs, torch_outputs))
+        return 0.125
+
+    report = export_onnx(model, x, tmp_path / "ok.onnx", slim=False, parity_fn=accept)
+    assert report.parity_max_abs_diff == 0.125
+    (ort_outs, torch_outs), = seen
+    np.testing.assert_allclose(ort_outs[0], model(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(torch_outs[0], model(x).detach().numpy())
+
+    def reject(ort_outputs, torch_outputs):
+        raise ExportError("detections differ")
+
+    with pytest.raises(ExportError, match="detections differ"):
+        export_onnx(model, x, tmp_path / "bad.onnx", slim=False, parity_fn=reject)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.onnx"]  # nothing half-written
