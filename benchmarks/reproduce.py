@@ -7,6 +7,8 @@ Variants, all with the same prune-at-plateau procedure and the same wall-time bu
   l2         lmbda = 0 plus SGD weight decay 1e-3 (= LOBSTER's largest per-step shrink
              lmbda / lr at lr = 0.1)
   dense      no pruning (the dense error baseline), a few epochs
+  lobster-10x  LOBSTER with lmbda = 1e-3, ten times the paper's: a deviation, to see whether a
+             stronger shrink buys compression within a CPU budget (reported as such)
 
 Decisions use the 5k validation split only. The reported point of a run is the most
 compressed model whose *validation* error is within the paper's error for that
@@ -45,6 +47,7 @@ VARIANTS = {
     "magnitude": {"lmbda": 0.0, "weight_decay": 0.0},
     "l2": {"lmbda": 0.0, "weight_decay": 1e-3},
     "dense": {"lmbda": 0.0, "weight_decay": 0.0},
+    "lobster-10x": {"lmbda": 1e-3, "weight_decay": 0.0},
 }
 
 
