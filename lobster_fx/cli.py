@@ -137,7 +137,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(model=args.model, dataset=args.dataset, data_root=args.data_root, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, lmbda=args.lmbda,
                          twt=args.twt, pwe=args.pwe, seed=args.seed, out_dir=args.out,
-                         max_minutes=args.max_minutes, threads=args.threads, progress=not args.no_progress)
+                         max_minutes=args.max_minutes, threads=args.threads, progress=not args.no_progress,
+                         fused_rule={"auto": None, "on": True, "off": False}[args.fused_rule])
     result = train(config, resume=not args.restart)
     print(sparsity_report(result.gm).table())
     last = result.log[-1] if result.log else {}
@@ -209,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--fused-rule", choices=["auto", "on", "off"], default="auto",
+                   help="the LOBSTER rule as torch.compile kernels (auto: from 2**20 prunable weights up)")
     p.add_argument("--out", required=True)
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--no-progress", action="store_true")

@@ -36,3 +36,24 @@ def test_channels_last_gradients_match_in_float64():
         F.cross_entropy(m(x), y).backward()
     for (name, p), q in zip(plain.named_parameters(), nhwc.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_fused_rule_option_reaches_lobster_and_trains_like_the_eager_rule(monkeypatch):
+    import lobster_fx.train as train_module
+
+    made = []
+    real = train_module.Lobster
+
+    def recording(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(train_module, "Lobster", recording)
+    logs = {}
+    for fused in (False, True):
+        config = TrainConfig(model="lenet300", dataset="digits", epochs=1, batch_size=32, lr=0.05, lmbda=1e-3,
+                             pwe=100, progress=False, threads=1, fused_rule=fused)
+        logs[fused] = train(config).log
+        assert made[-1].fused is fused and made[-1].steps > 0
+    for eager, fused in zip(logs[False], logs[True]):  # same arithmetic, to float rounding
+        assert math.isclose(eager["val_loss"], fused["val_loss"], rel_tol=1e-5)
