@@ -114,12 +114,17 @@ def test_gradient_accumulation_runs_rule_once_on_accumulated_gradient():
         torch.testing.assert_close(p.detach(), hand_eq6(before[n], accumulated[n], eta, lmbda), rtol=0, atol=1e-7)
 
 
-def test_grad_scaler_sees_unscaled_gradient_and_skipped_step_skips_rule():
+@pytest.mark.parametrize("fused_rule", [False, True], ids=["eager-rule", "fused-rule"])
+@pytest.mark.parametrize("fused_opt", [False, True], ids=["sgd", "fused-sgd"])
+def test_grad_scaler_sees_unscaled_gradient_and_skipped_step_skips_rule(fused_opt, fused_rule):
+    # A fused optimizer gets still-scaled gradients from GradScaler, which sets
+    # optimizer.grad_scale / found_inf for that step (regression: the rule read them from the
+    # step's kwargs only, saw |g| > 1 and skipped the shrink). Eq. (6) is on the true gradient.
     model = _model()
     gm = lobster_fx.instrument(model)
     eta, lmbda = 0.1, 0.05
-    opt = torch.optim.SGD(gm.parameters(), lr=eta)
-    rule = lobster_fx.Lobster(gm, opt, lmbda=lmbda)
+    opt = torch.optim.SGD(gm.parameters(), lr=eta, fused=fused_opt)
+    rule = lobster_fx.Lobster(gm, opt, lmbda=lmbda, fused=fused_rule)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     x, y = _data()
     true_grads = _grads(copy.deepcopy(model), x, y)
@@ -128,7 +133,7 @@ def test_grad_scaler_sees_unscaled_gradient_and_skipped_step_skips_rule():
     scaler.scale(nn.functional.mse_loss(gm(x), y)).backward()
     scaler.step(opt)
     scaler.update()
-    assert rule.steps == 1
+    assert rule.steps == 1 and rule.fused == fused_rule
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), hand_eq6(before[n], true_grads[n], eta, lmbda), rtol=1e-6, atol=1e-7)
     # an inf gradient: GradScaler skips the step, and the rule with it
@@ -313,37 +318,6 @@ def test_fused_and_eager_rule_agree(make_opt):
     for (n, p), q in zip(eager_gm.named_parameters(), fused_gm.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=n)
         assert not torch.equal(p, ref.get_parameter(n))
-
-
-@pytest.mark.parametrize("fused_rule", [False, True], ids=["eager-rule", "fused-rule"])
-def test_rule_unscales_gradients_of_fused_optimizers_under_grad_scaler(fused_rule):
-    # regression: GradScaler gives a fused optimizer still-scaled gradients and sets
-    # optimizer.grad_scale / found_inf for the step; the rule read them from the step's
-    # kwargs only, saw |g| > 1 and skipped the shrink. Eq. (6) is on the true gradient.
-    model = _model()
-    gm = lobster_fx.instrument(model)
-    eta, lmbda = 0.1, 0.05
-    opt = torch.optim.SGD(gm.parameters(), lr=eta, fused=True)
-    rule = lobster_fx.Lobster(gm, opt, lmbda=lmbda, fused=fused_rule)
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    x, y = _data()
-    true_grads = _grads(copy.deepcopy(model), x, y)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt.zero_grad()
-    scaler.scale(nn.functional.mse_loss(gm(x), y)).backward()
-    scaler.step(opt)
-    scaler.update()
-    assert rule.steps == 1 and rule.fused == fused_rule
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.detach(), hand_eq6(before[n], true_grads[n], eta, lmbda), rtol=1e-6, atol=1e-7)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt.zero_grad()
-    scaler.scale(nn.functional.mse_loss(gm(x), y)).backward()
-    next(iter(gm.parameters())).grad[0, 0] = float("inf")
-    scaler.step(opt)
-    assert rule.steps == 1
-    for n, p in model.named_parameters():
-        assert torch.equal(p.detach(), before[n])
 
 
 def test_fused_compile_failure_warns_and_falls_back_to_the_eager_rule(monkeypatch):
