@@ -728,7 +728,8 @@ def run_worker(spec: Spec, out_file: Path, threads: int) -> None:
             raise FloatingPointError(f"non-finite training loss: {losses}")
         if rule.steps != STEPS:
             raise AssertionError(f"Lobster ran {rule.steps} times in {STEPS} steps")
-        return {"losses": [round(v, 6) for v in losses]}
+        # which rule path ran: Lobster compiles it from 2**20 prunable weights up
+        return {"losses": [round(v, 6) for v in losses], "rule_fused": rule.fused}
 
     stage("train", train)
 
