@@ -71,21 +71,25 @@ def _fused_deltas(params: list[torch.Tensor], grads: list[torch.Tensor], grad_sc
     return [p * (g.abs() / grad_scale - 1).clamp_max(0) for p, g in zip(params, grads)]
 
 
-def _fused_apply(free: list[torch.Tensor], free_deltas: list[torch.Tensor], pinned: list[torch.Tensor],
-                 pinned_deltas: list[torch.Tensor], pinned_masks: list[torch.Tensor], lmbda: float) -> None:
-    # the term after the optimizer's update, and the mask pin, in one pass per parameter
-    for p, d in zip(free, free_deltas):
-        p.add_(d, alpha=lmbda)
-    for p, d, m in zip(pinned, pinned_deltas, pinned_masks):
-        p.add_(d, alpha=lmbda).mul_(m)
+# lmbda reaches the compiled kernels as a 0-dim tensor: a Python float would be baked into
+# the graph, and a changing lambda would recompile until dynamo's limit (8) gives up
+
+
+def _fused_apply(params: list[torch.Tensor], deltas: list[torch.Tensor], masks: list[torch.Tensor],
+                 lmbda: torch.Tensor) -> None:
+    # the term after the optimizer's update, and the mask pin, in one pass per parameter. Every
+    # mask is applied (x1 is exact): splitting by "has zeros" would recompile as pruning reaches
+    # new layers, and the mask is read in the same pass anyway
+    for p, d, m in zip(params, deltas, masks):
+        p.add_(d * lmbda).mul_(m)
 
 
 def _fused_shrink(params: list[torch.Tensor], grads: list[torch.Tensor], grad_scale: torch.Tensor | None,
-                  lmbda: float) -> None:
+                  lmbda: torch.Tensor) -> None:
     # w += lmbda * w * min(|g| - 1, 0), in place, before a weight-free optimizer update
     for p, g in zip(params, grads):
         a = g.abs() if grad_scale is None else g.abs() / grad_scale
-        p.addcmul_(p, (a - 1).clamp_max(0), value=lmbda)
+        p.add_(p * (a - 1).clamp_max(0) * lmbda)
 
 
 # optimizers whose update reads the gradient and their own state but not the weight, as long
@@ -168,6 +172,7 @@ class Lobster:
             fused = sum(p.numel() for _, p, _ in masked_parameters(self.gm)) >= FUSE_MIN_NUMEL
         self.fused = bool(fused)
         self._kernels: dict[str, Any] = {}  # compiled on first use
+        self._lmbda_cache: tuple[Any, torch.Tensor | None] = (None, None)
         self._handles = [
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
@@ -217,7 +222,8 @@ class Lobster:
             grad_scale = kwargs.get("grad_scale", getattr(optimizer, "grad_scale", None))
             if not _update_reads_weights(optimizer):
                 # the shrink now, in place; the post-hook only pins
-                if not (self.fused and self._run_fused(_fused_shrink, params, grads, grad_scale, self.lmbda)):
+                if not (self.fused and self._run_fused(_fused_shrink, params, grads, grad_scale,
+                                                       self._lmbda_tensor(params[0]))):
                     shrink = self._eager_min_abs_minus_one(grads, grad_scale)
                     torch._foreach_addcmul_(params, params, shrink, value=self.lmbda)
             else:
@@ -264,27 +270,27 @@ class Lobster:
         self._pending = None
         if not params:
             return
-        # pruned entries stay exactly zero whatever the optimizer did (masks that are all
-        # ones are skipped; their all-ones state is cached per in-place version)
+        # pruned entries stay exactly zero whatever the optimizer did
+        if deltas is not None and self.fused and \
+                self._run_fused(_fused_apply, params, deltas, masks, self._lmbda_tensor(params[0])) is not None:
+            self.steps += 1
+            return
+        if deltas is not None:
+            torch._foreach_add_(params, deltas, alpha=self.lmbda)
+        # masks that are all ones are skipped; their all-ones state is cached per in-place version
         if torch.compiler.is_compiling():  # a compiled optimizer step: no data-dependent branch
-            has_zeros = [True] * len(masks)
+            pinned = list(zip(params, masks))
         else:
-            has_zeros = [self._has_zeros(m) for m in masks]
-        done = False
-        if deltas is not None and self.fused:
-            free = [i for i, z in enumerate(has_zeros) if not z]
-            pin = [i for i, z in enumerate(has_zeros) if z]
-            done = self._run_fused(
-                _fused_apply, [params[i] for i in free], [deltas[i] for i in free],
-                [params[i] for i in pin], [deltas[i] for i in pin], [masks[i] for i in pin], self.lmbda,
-            ) is not None
-        if not done:
-            if deltas is not None:
-                torch._foreach_add_(params, deltas, alpha=self.lmbda)
-            pinned = [(p, m) for p, m, z in zip(params, masks, has_zeros) if z]
-            if pinned:
-                torch._foreach_mul_([p for p, _ in pinned], [m for _, m in pinned])
+            pinned = [(p, m) for p, m in zip(params, masks) if self._has_zeros(m)]
+        if pinned:
+            torch._foreach_mul_([p for p, _ in pinned], [m for _, m in pinned])
         self.steps += 1
+
+    def _lmbda_tensor(self, like: torch.Tensor) -> torch.Tensor:
+        key = (self.lmbda, like.dtype, like.device)
+        if self._lmbda_cache[0] != key:
+            self._lmbda_cache = (key, torch.tensor(self.lmbda, dtype=like.dtype, device=like.device))
+        return self._lmbda_cache[1]
 
     def _has_zeros(self, mask: torch.Tensor) -> bool:
         key = id(mask)

@@ -421,3 +421,25 @@ def test_compiled_optimizer_step_traces_the_rule_without_breaks_of_ours():
         torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-7)
     for _, p, mask in masked_parameters(gm):
         assert torch.all(p[mask == 0] == 0)
+
+
+def test_fused_rule_follows_a_changing_lambda_without_recompiling_out_of_the_fused_path():
+    # regression: lambda went into the compiled kernels as a Python float, so each new value
+    # recompiled, and the 9th hit dynamo's recompile limit, which dropped the rule to eager
+    import warnings
+
+    model = _model().double()
+    gm = lobster_fx.instrument(model)
+    x, y = (t.double() for t in _data())
+    opt = torch.optim.SGD(gm.parameters(), lr=0.1)
+    rule = lobster_fx.Lobster(gm, opt, lmbda=0.01, fused=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback warns
+        for step in range(12):
+            rule.lmbda = 0.01 * (step + 1)  # e.g. a lambda warm-up schedule
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            grads = _grads(gm, x, y)
+            opt.step()
+            assert rule.fused
+            for n, p in model.named_parameters():
+                torch.testing.assert_close(p.detach(), hand_eq6(before[n], grads[n], 0.1, rule.lmbda), rtol=0, atol=1e-15)
