@@ -13,8 +13,8 @@ that is eq. (6) exactly, with any other optimizer the optimizer's own update
 plus the decoupled LOBSTER term. When the optimizer's update does not read the
 weights (SGD, Adam, AdamW, RMSprop, ... with ``weight_decay=0``) the sum is the
 same if the pre-hook subtracts ``delta`` from ``w_{t-1}`` in place, which it then
-does: one pass, and no parameter-sized ``delta`` kept across the step. A step that ``GradScaler`` skips never calls
-``optimizer.step()``, so the rule is skipped too (a fused optimizer, which gets
+does: one pass, and no parameter-sized ``delta`` kept across the step. A step
+that ``GradScaler`` skips never calls ``optimizer.step()``, so the rule is skipped too (a fused optimizer, which gets
 still-scaled gradients, sees ``optimizer.grad_scale`` / ``found_inf``, and so does
 the rule). The post-hook also pins pruned parameters to exactly zero (momentum,
 weight decay and Adam would move them).
@@ -128,9 +128,9 @@ class Lobster:
         fused: ``True`` runs the rule as ``torch.compile``-generated kernels,
             one pass over each parameter (the in-place shrink) or two (the term
             before the optimizer's update, then its addition with the mask pin),
-            instead of 4-6 eager ``_foreach`` passes; ``False`` keeps the eager passes; ``None`` (default) fuses
-            when the prunable parameters hold at least ``FUSE_MIN_NUMEL``
-            elements. Compiling takes seconds at the first step. If it fails
+            instead of 4-6 eager ``_foreach`` passes; ``False`` keeps the eager
+            passes; ``None`` (default) fuses when the prunable parameters hold
+            at least ``FUSE_MIN_NUMEL`` elements. Compiling takes seconds at the first step. If it fails
             (no C++ compiler for inductor on CPU, no triton on GPU) the rule
             warns once and runs eagerly; ``rule.fused`` says which path runs.
             Both compute the same arithmetic, equal to float rounding.
