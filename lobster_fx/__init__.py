@@ -10,7 +10,7 @@ Example::
 """
 
 from lobster_fx.bench import BenchReport, benchmark
-from lobster_fx.export import DetectionParity, ExportReport, export_onnx
+from lobster_fx.export import DetectionParity, ExportReport, export_onnx, onnx_file_bytes
 from lobster_fx.fold import fold
 from lobster_fx.instrument import default_filter, instrument, masks
 from lobster_fx.prune import PruneResult, prune
@@ -35,6 +35,7 @@ __all__ = [
     "slim_with_report",
     "to_sparse_csr",
     "export_onnx",
+    "onnx_file_bytes",
     "DetectionParity",
     "ExportReport",
     "benchmark",

@@ -94,7 +94,8 @@ class ModelStats:
     ``rss_before_load`` is the worker's resident memory after its imports,
     ``rss_after_load`` after the model is loaded, ``peak_rss`` the high-water
     mark (``VmHWM``) at the end of the run; all in bytes. ``file_bytes`` is the
-    ONNX file size (for torch models: the ``torch.save`` pickle's size).
+    ONNX model's size on disk, external data included (for torch models: the
+    ``torch.save`` pickle's size).
     """
 
     name: str
@@ -586,6 +587,8 @@ def benchmark(
             raise ValueError("torch_models need input_shape or example_input")
         specs = _onnx_input_specs(next(iter(onnx_models.values())))
 
+    from lobster_fx.export import onnx_file_bytes  # here: the worker runs this file without the package
+
     tmpdir = tempfile.mkdtemp(prefix="lobster_bench_")
     workers: dict[str, _Worker] = {}
     stats: dict[str, ModelStats] = {}
@@ -613,7 +616,8 @@ def benchmark(
                 )
             path = cfgs[n]["path"] if cfgs[n]["kind"] == "onnx" else None
             stats[n] = ModelStats(
-                name=n, kind=cfgs[n]["kind"], path=path, file_bytes=os.path.getsize(cfgs[n]["path"]),
+                name=n, kind=cfgs[n]["kind"], path=path,
+                file_bytes=onnx_file_bytes(path) if path else os.path.getsize(cfgs[n]["path"]),
                 load_s=float(hello["load_s"]), rss_before_load=int(hello["rss_before_load"]),
                 rss_after_load=int(hello["rss_after_load"]), peak_rss=0, providers=list(hello["providers"]), pid=int(hello["pid"]),
             )

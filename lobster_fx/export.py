@@ -38,6 +38,7 @@ import copy
 import functools
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -54,10 +55,14 @@ __all__ = [
     "ExportReport",
     "sparsify_initializers",
     "export_onnx",
+    "onnx_file_bytes",
     "DetectionParity",
 ]
 
 IndexDtype = Literal["int64", "compact"]
+
+#: the largest ONNX proto that fits in one file (protobuf's 2 GB message limit)
+_PROTOBUF_LIMIT = onnx.checker.MAXIMUM_PROTOBUF
 
 #: initializer types moved to sparse storage. Integer initializers are mostly
 #: shape / axis constants that shape inference wants to read as dense values.
@@ -125,7 +130,8 @@ class ExportReport:
 
     ``dense_bytes`` is the size of the same ONNX graph with every initializer
     stored dense (the serialised proto before :func:`sparsify_initializers`);
-    ``file_bytes`` the size of the file on disk.
+    ``file_bytes`` the size on disk: the ``.onnx`` file plus, for a model saved
+    with external data, its ``data_path`` file.
     """
 
     path: str
@@ -141,6 +147,7 @@ class ExportReport:
     slimmed: bool
     checker: str  # what onnx.checker validated
     notes: list[str] = field(default_factory=list)
+    data_path: str | None = None  # the external data file (models over protobuf's 2 GB limit)
 
     @property
     def ratio(self) -> float:
@@ -230,6 +237,17 @@ def _iter_subgraphs(graph: onnx.GraphProto) -> Iterator[tuple[str, onnx.GraphPro
                     yield f"{label}[{k}]", g
 
 
+def _tensor_bytes(t: onnx.TensorProto | onnx.SparseTensorProto) -> int:
+    """``t.ByteSize()``, or for a tensor over protobuf's 2 GB limit (where it raises) its
+    payload plus a generous allowance for the name and dims."""
+    try:
+        return t.ByteSize()
+    except Exception:  # noqa: BLE001 - google.protobuf EncodeError
+        if isinstance(t, onnx.SparseTensorProto):
+            return _tensor_bytes(t.values) + _tensor_bytes(t.indices) + 16 * len(t.dims) + 16
+        return len(t.raw_data) + 16 * len(t.dims) + len(t.name) + 16
+
+
 def _sparsify_graph(
     graph: onnx.GraphProto,
     label: str,
@@ -244,7 +262,7 @@ def _sparsify_graph(
     keep: list[onnx.TensorProto] = []
     new_sparse: list[onnx.SparseTensorProto] = []
     for init in graph.initializer:
-        dense_bytes = init.ByteSize()
+        dense_bytes = _tensor_bytes(init)
         shape = tuple(int(d) for d in init.dims)
         info = InitializerInfo(init.name, shape, _dtype_name(init.data_type), -1, "dense", dense_bytes, dense_bytes, None, label)
         eligible = (
@@ -257,9 +275,13 @@ def _sparsify_graph(
         if arr is not None:
             info.nnz = int(np.count_nonzero(arr))
         if eligible and arr is not None and arr.size > 0 and info.sparsity >= min_sparsity:
+            idx_dt = _index_dtype_for(arr.size, index_dtype, in_subgraph)
+            if info.nnz * (arr.itemsize + np.dtype(idx_dt).itemsize) >= dense_bytes:
+                keep.append(init)  # the payload alone would not be smaller: skip building it
+                out.append(info)
+                continue
             flat = arr.reshape(-1)
             nz = np.flatnonzero(flat)
-            idx_dt = _index_dtype_for(arr.size, index_dtype, in_subgraph)
             values = numpy_helper.from_array(np.ascontiguousarray(flat[nz]), init.name)
             indices = numpy_helper.from_array(nz.astype(idx_dt), "")
             sp = onnx.SparseTensorProto()
@@ -267,9 +289,10 @@ def _sparsify_graph(
             sp.indices.CopyFrom(indices)
             sp.dims.extend(init.dims)
             # keep dense unless sparse storage is strictly smaller
-            if values.data_type == init.data_type and sp.ByteSize() < dense_bytes:
+            sparse_bytes = _tensor_bytes(sp)
+            if values.data_type == init.data_type and sparse_bytes < dense_bytes:
                 new_sparse.append(sp)
-                info.storage, info.bytes, info.index_dtype = "sparse", sp.ByteSize(), idx_dt.name
+                info.storage, info.bytes, info.index_dtype = "sparse", sparse_bytes, idx_dt.name
                 out.append(info)
                 continue
         keep.append(init)
@@ -285,7 +308,7 @@ def _sparsify_graph(
         out.append(
             InitializerInfo(
                 sp.values.name, shape, _dtype_name(sp.values.data_type), int(np.prod(sp.values.dims, dtype=np.int64)),
-                "sparse", sp.ByteSize(), -1, _dtype_name(sp.indices.data_type), label,
+                "sparse", _tensor_bytes(sp), -1, _dtype_name(sp.indices.data_type), label,
             )
         )
     for sub_label, sub in _iter_subgraphs(graph):
@@ -347,7 +370,7 @@ def _dense_infos(model_proto: onnx.ModelProto) -> list[InitializerInfo]:
             nnz = -1
             if init.data_location != onnx.TensorProto.EXTERNAL:
                 nnz = int(np.count_nonzero(numpy_helper.to_array(init)))
-            b = init.ByteSize()
+            b = _tensor_bytes(init)
             out.append(InitializerInfo(init.name, tuple(init.dims), _dtype_name(init.data_type), nnz, "dense", b, b, None, label))
         for sub_label, sub in _iter_subgraphs(graph):
             visit(sub, f"{label}/{sub_label}" if label else sub_label)
@@ -805,6 +828,88 @@ def _umask() -> int:
     return old
 
 
+_GRAPH_PARTS = ("initializer", "sparse_initializer", "node", "input", "output", "value_info")
+_MODEL_PARTS = ("graph", "functions", "opset_import", "metadata_props")
+
+
+def _proto_bytes(proto: onnx.ModelProto) -> int:
+    """Serialised size of ``proto``. Past protobuf's 2 GB limit ``ByteSize()`` raises:
+    then the sum of its parts, each with its tag and length prefix, and of the
+    model's and the graph's own small fields."""
+    try:
+        return proto.ByteSize()
+    except Exception:  # noqa: BLE001 - google.protobuf EncodeError: the message is over 2 GB
+        g = proto.graph
+        graph = _shell(onnx.GraphProto, g, _GRAPH_PARTS).ByteSize() + sum(_framed(p) for f in _GRAPH_PARTS for p in getattr(g, f))
+        model = _shell(onnx.ModelProto, proto, _MODEL_PARTS).ByteSize() + _framed(graph)
+        return model + sum(_framed(p) for f in _MODEL_PARTS[1:] for p in getattr(proto, f))
+
+
+def _shell(cls: Any, msg: Any, skip: Sequence[str]) -> Any:
+    """A ``cls`` copy of ``msg`` without the (large) fields in ``skip``."""
+    shell = cls()
+    for f, value in msg.ListFields():
+        if f.name in skip:
+            continue
+        if hasattr(value, "extend"):
+            getattr(shell, f.name).extend(value)
+        elif hasattr(value, "CopyFrom"):
+            getattr(shell, f.name).CopyFrom(value)
+        else:
+            setattr(shell, f.name, value)
+    return shell
+
+
+def _framed(part: Any) -> int:
+    """A submessage's size (or a size already taken) plus its tag and length prefix."""
+    if isinstance(part, int):
+        n = part
+    elif isinstance(part, (onnx.TensorProto, onnx.SparseTensorProto)):
+        n = _tensor_bytes(part)
+    else:
+        n = part.ByteSize()
+    return n + 1 + max(1, (n.bit_length() + 6) // 7)
+
+
+def onnx_file_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes on disk of an ONNX model: the file plus the external data files it names.
+
+    Example::
+
+        >>> import os, tempfile, torch
+        >>> r = export_onnx(torch.nn.Linear(64, 64), torch.randn(1, 64),
+        ...                 os.path.join(tempfile.mkdtemp(), "lin.onnx"), slim=False, external_data=True)
+        >>> onnx_file_bytes(r.path) == r.file_bytes > os.path.getsize(r.path)
+        True
+    """
+    m = onnx.load(str(path), load_external_data=False)
+    from onnx.external_data_helper import _get_all_tensors
+
+    base = Path(path).parent
+    locations = {
+        entry.value
+        for t in _get_all_tensors(m) if t.data_location == onnx.TensorProto.EXTERNAL
+        for entry in t.external_data if entry.key == "location"
+    }
+    return os.path.getsize(path) + sum(os.path.getsize(base / loc) for loc in sorted(locations))
+
+
+def _write_external(proto: onnx.ModelProto, target: Path, tmpdir: str) -> tuple[str, str]:
+    """Save ``proto`` into ``tmpdir`` as ``target.name`` plus ``target.name + ".data"``."""
+    tmp = os.path.join(tmpdir, target.name)
+    data_name = f"{target.name}.data"
+    try:
+        onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024, convert_attribute=False)
+    except Exception as e:  # noqa: BLE001 - explained
+        # sparse initializers stay in the .onnx file (onnx moves only dense tensors out)
+        raise ExportError(
+            f"cannot save the model with external data: {_first_line(e)}; if its sparse initializers "
+            "alone pass protobuf's 2 GB limit, pass sparse=False or index_dtype='compact'"
+        ) from e
+    return tmp, os.path.join(tmpdir, data_name)
+
+
 def export_onnx(
     model: Any,
     example_inputs: Any,
@@ -821,6 +926,7 @@ def export_onnx(
     atol: float = 1e-5,
     rtol: float = 1e-5,
     parity_fn: Callable[[list[np.ndarray], list[np.ndarray]], float] | None = None,
+    external_data: bool | None = None,
 ) -> ExportReport:
     """Fold, (slim), export, sparsify, check and atomically write one ONNX file.
 
@@ -847,6 +953,13 @@ def export_onnx(
     elementwise check where it cannot hold (detectors:
     ``parity_fn=DetectionParity()``); it returns the max difference it accepted or
     raises :class:`ExportError`, and the file is only written if it returns.
+
+    ``external_data`` (default ``None``: only when the model is over protobuf's
+    2 GB limit, which a single ONNX file cannot hold) stores the dense
+    initializers in ``path + ".data"`` beside ``path``, as ONNX Runtime expects;
+    both files are written in a temporary directory next to ``path``, checked
+    there, and moved into place (data file first) only if every check passes.
+    Sparse initializers stay in the ``.onnx`` file.
 
     Raises:
         FileNotFoundError: the parent directory of ``path`` does not exist.
@@ -931,50 +1044,90 @@ def export_onnx(
         _check_dynamic_batch(proto, inputs)
     if strip_debug_info:
         _strip_debug_info(proto)
-    dense_bytes = proto.ByteSize()
-    try:
-        onnx.checker.check_model(proto, full_check=False)
-    except Exception as e:  # noqa: BLE001
-        raise ExportError(f"onnx.checker rejects the exported (dense) model: {_first_line(e)}") from e
-    checker = "dense graph"
+    dense_bytes = _proto_bytes(proto)
+    # onnx.checker takes a proto only under 2 GB; past that it checks the saved files
+    in_memory_check = dense_bytes <= _PROTOBUF_LIMIT
+    checker = "none"
+    if in_memory_check:
+        try:
+            onnx.checker.check_model(proto, full_check=False)
+        except Exception as e:  # noqa: BLE001
+            raise ExportError(f"onnx.checker rejects the exported (dense) model: {_first_line(e)}") from e
+        checker = "dense graph"
 
     if sparse:
         infos = sparsify_initializers(proto, min_sparsity=min_sparsity, index_dtype=index_dtype)
-        if index_dtype == "int64":
-            try:
-                onnx.checker.check_model(proto, full_check=False)
-            except Exception as e:  # noqa: BLE001
-                raise ExportError(f"onnx.checker rejects the sparsified model: {_first_line(e)}") from e
-            checker = "final file"
-        else:
-            notes.append("compact indices: onnx.checker validated the dense graph, ONNX Runtime the file")
     else:
         infos = _dense_infos(proto)
-        checker = "final file"
-    data = proto.SerializeToString()
-
-    # ---- atomic write: temp file in the target directory, verify, then replace
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give a normal file mode
-        max_diff = _ort_parity(tmp, inputs, reference, atol, rtol, parity_fn)
-        os.replace(tmp, target)
-    except BaseException:
+    final_bytes = _proto_bytes(proto)
+    external = bool(external_data) if external_data is not None else final_bytes > _PROTOBUF_LIMIT
+    # compact indices are valid for ONNX Runtime, not for onnx.checker: it saw the dense graph
+    final_checkable = not sparse or index_dtype == "int64"
+    if final_checkable and final_bytes <= _PROTOBUF_LIMIT:
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+            onnx.checker.check_model(proto, full_check=False)
+        except Exception as e:  # noqa: BLE001
+            raise ExportError(f"onnx.checker rejects the {'sparsified' if sparse else 'exported'} model: "
+                              f"{_first_line(e)}") from e
+        checker = "final file"
+    elif not final_checkable:
+        notes.append("compact indices: onnx.checker validated the dense graph, ONNX Runtime the file"
+                     if checker == "dense graph" else
+                     "compact indices on a model over 2 GB: onnx.checker did not run, ONNX Runtime checked the file")
+    checks_saved_files = final_checkable and checker != "final file"
+    if not external and final_bytes > _PROTOBUF_LIMIT:
+        raise ExportError(
+            f"the model is {final_bytes:,} bytes, over protobuf's 2 GB limit for one ONNX file; "
+            "pass external_data=True (or leave it None) to write the weights to a .data file beside it"
+        )
+
+    # ---- atomic write: temp file(s) in the target directory, verify, then replace
+    data_path: str | None = None
+    if not external:
+        data = proto.SerializeToString()
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(parent))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give a normal file mode
+            max_diff = _ort_parity(tmp, inputs, reference, atol, rtol, parity_fn)
+            os.replace(tmp, target)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+    else:
+        tmpdir = tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(parent))
+        try:
+            tmp, tmp_data = _write_external(proto, target, tmpdir)
+            has_data = os.path.exists(tmp_data)  # not when every initializer is sparse or tiny
+            for f in (tmp, tmp_data) if has_data else (tmp,):
+                os.chmod(f, 0o666 & ~_umask())
+            if checks_saved_files:
+                try:
+                    onnx.checker.check_model(tmp, full_check=False)  # a path: reads the external data
+                except Exception as e:  # noqa: BLE001
+                    raise ExportError(f"onnx.checker rejects the saved model: {_first_line(e)}") from e
+                checker = "final file"
+            max_diff = _ort_parity(tmp, inputs, reference, atol, rtol, parity_fn)
+            if has_data:
+                data_path = str(parent / Path(tmp_data).name)
+                os.replace(tmp_data, data_path)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        if data_path:
+            notes.append(f"external data: dense initializers in {Path(data_path).name}")
 
     opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
     return ExportReport(
         path=str(target),
         dense_bytes=dense_bytes,
-        file_bytes=os.path.getsize(target),
+        file_bytes=os.path.getsize(target) + (os.path.getsize(data_path) if data_path else 0),
         initializers=infos,
         parity_max_abs_diff=max_diff,
         index_dtype=index_dtype if sparse else "none",
@@ -985,4 +1138,5 @@ def export_onnx(
         slimmed=slimmed,
         checker=checker,
         notes=notes,
+        data_path=data_path,
     )

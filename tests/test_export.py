@@ -564,3 +564,82 @@ def test_export_onnx_parity_fn_replaces_the_elementwise_check(tmp_path):
     with pytest.raises(ExportError, match="detections differ"):
         export_onnx(model, x, tmp_path / "bad.onnx", slim=False, parity_fn=reject)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.onnx"]  # nothing half-written
+
+
+# ------------------------------------------------------------------ external data (models over 2 GB)
+
+
+def _external_tensors(path: Path) -> list[str]:
+    m = onnx.load(path, load_external_data=False)
+    return [t.name for t in m.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+def test_external_data_when_asked(tmp_path):
+    model, x = _cnn(), torch.randn(2, 1, 12, 12)
+    rep = export_onnx(model, x, tmp_path / "cnn.onnx", slim=False, sparse=False, external_data=True)
+    assert rep.data_path == str(tmp_path / "cnn.onnx.data")
+    assert _leftovers(tmp_path, {"cnn.onnx", "cnn.onnx.data"}) == []
+    assert _external_tensors(tmp_path / "cnn.onnx")  # the weights really left the .onnx file
+    assert rep.file_bytes == os.path.getsize(tmp_path / "cnn.onnx") + os.path.getsize(tmp_path / "cnn.onnx.data")
+    assert rep.checker == "final file"
+    onnx.checker.check_model(str(tmp_path / "cnn.onnx"))
+    (out,) = _ort_run(tmp_path / "cnn.onnx", x.numpy())
+    np.testing.assert_allclose(out, model.eval()(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_external_data_is_chosen_past_the_protobuf_limit(tmp_path, monkeypatch):
+    """Past the limit one file cannot hold the model: external data by default, a clear error if refused."""
+    import lobster_fx.export as ex
+    from lobster_fx.export import onnx_file_bytes
+
+    model, x = _sparsify_(_mlp(), 0.5), torch.randn(3, 784)  # 50%: int64 COO indices do not pay, stays dense
+    inline = export_onnx(model, x, tmp_path / "inline.onnx", slim=False)
+    monkeypatch.setattr(ex, "_PROTOBUF_LIMIT", inline.file_bytes // 2)
+    with pytest.raises(ExportError, match="2 GB limit.*external_data=True"):
+        export_onnx(model, x, tmp_path / "refused.onnx", slim=False, external_data=False)
+    assert _leftovers(tmp_path, {"inline.onnx"}) == []
+
+    rep = export_onnx(model, x, tmp_path / "big.onnx", slim=False)
+    assert rep.data_path == str(tmp_path / "big.onnx.data") and _external_tensors(tmp_path / "big.onnx")
+    assert rep.checker == "final file"  # checked from the saved files, not in memory
+    assert rep.file_bytes == onnx_file_bytes(rep.path) > os.path.getsize(rep.path)
+    assert abs(rep.dense_bytes - inline.dense_bytes) < 64  # the sum of parts leaves out framing bytes only
+    (a,) = _ort_run(tmp_path / "big.onnx", x.numpy())
+    (b,) = _ort_run(tmp_path / "inline.onnx", x.numpy())
+    np.testing.assert_array_equal(a, b)
+
+
+def test_external_data_failure_leaves_nothing(tmp_path, monkeypatch):
+    import lobster_fx.export as ex
+
+    target = tmp_path / "model.onnx"
+    export_onnx(nn.Sequential(nn.Linear(64, 64)), torch.randn(2, 64), target, slim=False, external_data=True)
+    before = (target.read_bytes(), (tmp_path / "model.onnx.data").read_bytes())
+
+    def boom(path, *a, **k):
+        assert os.path.exists(path) and os.path.exists(path + ".data")
+        raise ExportError("simulated parity failure")
+
+    monkeypatch.setattr(ex, "_ort_parity", boom)
+    with pytest.raises(ExportError, match="simulated"):
+        export_onnx(nn.Sequential(nn.Linear(64, 32)), torch.randn(2, 64), target, slim=False, external_data=True)
+    assert (target.read_bytes(), (tmp_path / "model.onnx.data").read_bytes()) == before
+    assert _leftovers(tmp_path, {"model.onnx", "model.onnx.data"}) == []
+
+
+def test_proto_size_past_the_limit_is_the_sum_of_its_parts(mlp_files):
+    """``ByteSize()`` raises past 2 GB; the fallback must agree with it where both work."""
+    from lobster_fx.export import _proto_bytes
+
+    _, _, d, _ = mlp_files
+    proto = onnx.load(d / "dense.onnx")
+
+    class Over2GB:  # what protobuf does past the limit
+        def __getattr__(self, name):
+            return getattr(proto, name)
+
+        def ByteSize(self):  # noqa: N802 - protobuf's name
+            raise RuntimeError("Failed to serialize proto")
+
+    exact = proto.ByteSize()
+    assert _proto_bytes(Over2GB()) == exact
