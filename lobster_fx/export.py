@@ -1064,11 +1064,11 @@ def export_onnx(
     # compact indices are valid for ONNX Runtime, not for onnx.checker: it saw the dense graph
     final_checkable = not sparse or index_dtype == "int64"
     if final_checkable and final_bytes <= _PROTOBUF_LIMIT:
-        try:
-            onnx.checker.check_model(proto, full_check=False)
-        except Exception as e:  # noqa: BLE001
-            raise ExportError(f"onnx.checker rejects the {'sparsified' if sparse else 'exported'} model: "
-                              f"{_first_line(e)}") from e
+        if sparse:  # without it the proto is the one checked above
+            try:
+                onnx.checker.check_model(proto, full_check=False)
+            except Exception as e:  # noqa: BLE001
+                raise ExportError(f"onnx.checker rejects the sparsified model: {_first_line(e)}") from e
         checker = "final file"
     elif not final_checkable:
         notes.append("compact indices: onnx.checker validated the dense graph, ONNX Runtime the file"

@@ -149,3 +149,25 @@ def test_prune_restores_the_active_graph_with_the_mode():
 
     lobster_fx.prune(gm, evaluate, 0.0)
     assert gm.training and gm.graph is train_graph
+
+
+def test_distinct_magnitudes_equal_torch_unique_over_live_entries():
+    """The lean candidate list is exactly torch.unique over the unmasked |w| (ties, zeros, masks, dtypes)."""
+    from lobster_fx.prune import distinct_magnitudes
+
+    g = torch.Generator().manual_seed(0)
+    weights = [
+        torch.randint(-50, 50, (30, 7), generator=g).float() / 8,  # many ties, both signs, zeros
+        torch.randn(13, generator=g).half(),  # another dtype: promoted, every value exact
+        torch.randn(4, 4, generator=g).double(),
+    ]
+    masks = [(torch.rand(w.shape, generator=g) > 0.3).to(w.dtype) for w in weights]
+    got = distinct_magnitudes(weights, masks)
+    want = torch.unique(torch.cat([w.double().abs()[m != 0] for w, m in zip(weights, masks)]))
+    assert got.dtype == torch.float64
+    assert torch.equal(got, want)
+    f32 = distinct_magnitudes(weights[:1], masks[:1])
+    assert f32.dtype == torch.float32 and torch.equal(f32.double(), torch.unique(weights[0].abs()[masks[0] != 0]).double())
+    everything_masked = distinct_magnitudes(weights[:1], [torch.zeros_like(weights[0])])
+    assert everything_masked.numel() == 0
+    assert distinct_magnitudes([], []).numel() == 0
