@@ -610,7 +610,9 @@ def run_worker(spec: Spec, out_file: Path, threads: int) -> None:
     rec["params"] = sum(p.numel() for p in model.parameters())
     rec["input"] = [list(t.shape) if hasattr(t, "shape") else [list(x.shape) for x in t] for t in inputs]
     save()
-    tmpdir = Path(tempfile.mkdtemp(prefix="lobster-cov-"))
+    # inside the driver's temporary directory, which it removes when the worker ends, killed
+    # or not (a worker's own directory leaked 1-2 GB of ONNX files per killed model)
+    tmpdir = Path(tempfile.mkdtemp(prefix="lobster-cov-", dir=out_file.parent))
     state: dict[str, Any] = {}
 
     # ---- dense original exports?
@@ -723,6 +725,7 @@ def run_worker(spec: Spec, out_file: Path, threads: int) -> None:
             opt.step()
             losses.append(float(loss))
         rule.remove()
+        opt.zero_grad(set_to_none=True)  # free the gradients: the largest models need the memory later
         gm.eval()
         if not all(math.isfinite(v) for v in losses):
             raise FloatingPointError(f"non-finite training loss: {losses}")
@@ -809,6 +812,8 @@ def run_worker(spec: Spec, out_file: Path, threads: int) -> None:
             r = res.report
             out = {"params_before": r.params_before, "params_after": r.params_after, "rounds": r.rounds,
                    "rel_err": worst, "frozen_groups": len(r.frozen)}
+            del res, a, b, folded
+            state.pop("folded")  # not needed past here: free it for the largest models
             # random weights leave no dead units, so slim has nothing to do on the pruned model:
             # also kill 30% of the output units of every masked weight (rows of the masks, biases
             # left alone: those units become constants) and check slim on that

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import os
 import re
 import shutil
@@ -1034,6 +1035,8 @@ def export_onnx(
 
         # ---- export into memory
         proto = _torch_export(work, inputs, dynamic_batch=dynamic_batch, opset=opset, exporter=exporter)
+        del work  # the proto holds the weights now: one copy fewer for the steps below
+        gc.collect()  # the exporter's objects hold the copy's tensors in reference cycles
     finally:
         # call train() (not just set .training): LobsterGraphModule switches its
         # graph there. Pre-order, so each module's own call comes last for it.
@@ -1081,16 +1084,21 @@ def export_onnx(
             "pass external_data=True (or leave it None) to write the weights to a .data file beside it"
         )
 
-    # ---- atomic write: temp file(s) in the target directory, verify, then replace
+    opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
+
+    # ---- atomic write: temp file(s) in the target directory, verify, then replace.
+    # The proto is dropped once written: ONNX Runtime then loads a copy of the weights of its own
     data_path: str | None = None
     if not external:
         data = proto.SerializeToString()
+        del proto
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(parent))
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            del data
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give a normal file mode
             max_diff = _ort_parity(tmp, inputs, reference, atol, rtol, parity_fn)
             os.replace(tmp, target)
@@ -1104,6 +1112,7 @@ def export_onnx(
         tmpdir = tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(parent))
         try:
             tmp, tmp_data = _write_external(proto, target, tmpdir)
+            del proto
             has_data = os.path.exists(tmp_data)  # not when every initializer is sparse or tiny
             for f in (tmp, tmp_data) if has_data else (tmp,):
                 os.chmod(f, 0o666 & ~_umask())
@@ -1123,7 +1132,6 @@ def export_onnx(
         if data_path:
             notes.append(f"external data: dense initializers in {Path(data_path).name}")
 
-    opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
     return ExportReport(
         path=str(target),
         dense_bytes=dense_bytes,
