@@ -48,7 +48,13 @@ def fold(gm: nn.Module) -> GraphModule:
     A module that was never instrumented is returned as a deep copy.
     """
     gm = unwrap(gm)
-    folded = copy.deepcopy(gm)
+    try:
+        # the copy shares the masks: they are only read here and removed from the copy,
+        # so copying them would cost a transient mask-sized copy of every prunable weight
+        memo = {id(mask): mask for _, _, mask in masked_parameters(gm)}
+    except TypeError:
+        memo = {}
+    folded = copy.deepcopy(gm, memo)
     _unshare_parametrized_classes(folded)
     try:
         info = lobster_info(folded)

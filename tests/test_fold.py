@@ -99,3 +99,21 @@ def test_fold_keeps_plain_attributes_of_traced_submodules():
     _random_masks(gm, keep=0.5)
     folded = lobster_fx.fold(gm)
     assert torch.equal(folded(x), gm(x))
+
+
+def test_fold_reads_the_masks_without_copying_or_changing_them():
+    """The copy shares gm's masks while folding (memory); gm must come out exactly as it went in."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model("vit_b_16", weights=None, num_classes=5)
+    model.encoder.layers = model.encoder.layers[:1]  # graph route and module route (MultiheadAttention)
+    gm = lobster_fx.instrument(model)
+    _random_masks(gm, keep=0.5)
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    folded = lobster_fx.fold(gm)
+    after = gm.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    mask_ptrs = {m.data_ptr() for m in lobster_fx.masks(gm).values()}
+    gm_ptrs = {t.data_ptr() for t in gm.state_dict().values()}
+    assert not any(t.data_ptr() in gm_ptrs | mask_ptrs for t in folded.state_dict().values())
+    x = torch.randn(1, 3, 224, 224)
+    assert torch.equal(folded.eval()(x), gm.eval()(x))
