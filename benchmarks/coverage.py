@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import math
 import os
@@ -556,6 +557,9 @@ def run_worker(spec: Spec, out_file: Path, threads: int) -> None:
     def stage(name: str, fn: Callable[[], dict | None]) -> bool:
         rec["stages"][name] = {"status": "running"}
         save()
+        # GraphModules sit in reference cycles: collect the previous stage's copies now
+        # (multi-GB for the largest models), not whenever the cyclic collector next runs
+        gc.collect()
         t0 = time.perf_counter()
         try:
             extra = fn() or {}
@@ -817,13 +821,16 @@ def run_worker(spec: Spec, out_file: Path, threads: int) -> None:
             # random weights leave no dead units, so slim has nothing to do on the pruned model:
             # also kill 30% of the output units of every masked weight (rows of the masks, biases
             # left alone: those units become constants) and check slim on that
-            forced = copy.deepcopy(gm)
+            # the copy shares gm's parameters (only its masks change; fold copies the weights),
+            # and is dropped once folded: the largest models are near this machine's memory
+            forced = copy.deepcopy(gm, {id(p): p for p in gm.parameters()})
             g = torch.Generator().manual_seed(0)
             with torch.no_grad():
                 for mask in lobster_fx.masks(forced).values():
                     if mask.dim() >= 2 and mask.shape[0] > 1:
                         mask[torch.rand(mask.shape[0], generator=g) < 0.3] = 0
             ffold = lobster_fx.fold(forced)
+            del forced
             try:
                 fres = slim_with_report(ffold, inputs)
             except Exception as e:

@@ -647,7 +647,11 @@ def _torch_export(
                     model, inputs, None, dynamo=True, dynamic_shapes=dyn, opset_version=opset,
                     verbose=False, optimize=True, external_data=False,
                 )
-                return prog.model_proto
+                try:
+                    return prog.model_proto
+                finally:
+                    del prog
+                    _release_onnxscript_matchers()
             names = [f"input_{i}" for i in range(len(inputs))] if len(inputs) > 1 else ["input"]
             # output names are required: without them the legacy exporter takes a GraphModule's
             # `.graph` for a TorchScript graph (AttributeError: 'Graph' object has no attribute 'outputs')
@@ -663,6 +667,29 @@ def _torch_export(
             return onnx.load_from_string(buf.getvalue())
         except Exception as e:  # noqa: BLE001 - explained and re-raised
             raise _explain_export_failure(e, exporter) from e
+
+
+def _release_onnxscript_matchers() -> None:
+    """Drop the graph that onnxscript's rewrite-rule matchers keep from their last match.
+
+    The matchers are long-lived objects (the default rewrite rules); after an export each
+    holds the exported ONNX IR graph, whose initializers are the exported model's torch
+    tensors, until the next export. Measured: the folded copy of the model, a full set of
+    weights, outlived ``export_onnx``. Only memory is at stake, so any surprise in
+    onnxscript's internals is ignored.
+    """
+    try:
+        from onnxscript.rewriter import _basics, _matcher
+    except ImportError:
+        return
+    try:
+        for obj in gc.get_objects():
+            if isinstance(obj, _matcher.SimplePatternMatcher) and getattr(obj, "_graph", None) is not None:
+                obj._graph = None
+                obj._current_node = None
+                obj._match = _basics.MatchResult()  # what the matcher sets before every match
+    except Exception:  # noqa: BLE001 - best effort: a memory optimisation only
+        return
 
 
 def _check_dynamic_batch(proto: onnx.ModelProto, inputs: tuple[Any, ...]) -> None:
@@ -1036,7 +1063,7 @@ def export_onnx(
         # ---- export into memory
         proto = _torch_export(work, inputs, dynamic_batch=dynamic_batch, opset=opset, exporter=exporter)
         del work  # the proto holds the weights now: one copy fewer for the steps below
-        gc.collect()  # the exporter's objects hold the copy's tensors in reference cycles
+        gc.collect()  # GraphModules sit in reference cycles: free the copy now, not at some later collection
     finally:
         # call train() (not just set .training): LobsterGraphModule switches its
         # graph there. Pre-order, so each module's own call comes last for it.

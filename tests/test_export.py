@@ -15,6 +15,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
+import lobster_fx
 from lobster_fx.export import ExportError, export_onnx, sparsify_initializers
 
 
@@ -643,3 +644,26 @@ def test_proto_size_past_the_limit_is_the_sum_of_its_parts(mlp_files):
 
     exact = proto.ByteSize()
     assert _proto_bytes(Over2GB()) == exact
+
+
+def test_export_keeps_no_copy_of_the_weights_alive(tmp_path, monkeypatch):
+    """export_onnx's folded copy must be freed when it returns (onnxscript's rewrite matchers
+    held the last exported graph, and with it every weight of the copy, until the next export)."""
+    import gc
+    import sys
+    import weakref
+
+    fold_module = sys.modules["lobster_fx.fold"]
+    copies: list[weakref.ref] = []
+    real_fold = fold_module.fold
+
+    def spy(model):
+        folded = real_fold(model)
+        copies.append(weakref.ref(next(folded.parameters())))
+        return folded
+
+    monkeypatch.setattr(fold_module, "fold", spy)
+    gm = lobster_fx.instrument(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)))
+    export_onnx(gm, torch.randn(2, 64), tmp_path / "m.onnx", slim=False)
+    gc.collect()
+    assert len(copies) == 1 and copies[0]() is None
