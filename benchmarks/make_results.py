@@ -12,6 +12,7 @@ SECTIONS = [
     ("footprint", "Footprint: dense vs sparse file vs slim vs torch CSR (issue 3)", "python benchmarks/footprint.py"),
     ("reproduce", "Paper reproduction (issue 4)", "python benchmarks/reproduce.py run ...; python benchmarks/reproduce.py summarize"),
     ("train_cost", "Training cost: step layouts and the threshold search (issue 4)", "python benchmarks/train_cost.py"),
+    ("compute_bound", "LeNet-5 step vs the CPU's arithmetic limit (issue 4)", "python benchmarks/compute_bound.py"),
     ("coverage", "Coverage sweep (issue 5)", "python benchmarks/coverage.py"),
     ("overhead", "Training overhead (issue 5)", "python benchmarks/overhead.py"),
 ]

@@ -2,10 +2,10 @@
 
 Two routes, chosen per parameter:
 
-* **graph**: the parameter is a ``get_attr`` node of a traced graph; a ``mul``
-  node with a mask buffer is inserted after it (``node.meta["lobster_mask"]``
-  names the parameter). Uses that only read metadata (``w.shape``, ``w.dtype``)
-  keep the raw parameter.
+* **graph**: the parameter is a ``get_attr`` node of a traced graph; a
+  :func:`masked_weight` node (``w * mask``) with a mask buffer is inserted after
+  it (``node.meta["lobster_mask"]`` names the parameter). Uses that only read
+  metadata (``w.shape``, ``w.dtype``) keep the raw parameter.
 * **module**: the parameter is used inside a leaf module (``MultiheadAttention``)
   or inside code that did not trace; it gets a ``torch.nn.utils.parametrize``
   parametrization multiplying it by its mask.
@@ -47,6 +47,7 @@ __all__ = [
     "masked_parameters",
     "lobster_info",
     "unwrap",
+    "masked_weight",
 ]
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -150,6 +151,30 @@ def masks(gm: nn.Module) -> dict[str, torch.Tensor]:
     return {info.name: mask for info, _, mask in masked_parameters(gm)}
 
 
+def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``weight * mask``, with ``weight``'s strides where they differ only on size-1 dims.
+
+    The product's strides follow its own rules on size-1 dims, where any stride is valid:
+    a channels-last ``(20, 1, 5, 5)`` or ``(64, 32, 1, 1)`` weight (``model.to(memory_format=
+    torch.channels_last)``) came out with NCHW strides, so the convolution ran NCHW and
+    converted the activations back and forth (LeNet-5, channels-last, one thread: a
+    training step took 29.4 ms masked vs 20.0 ms plain). Same values, same memory order.
+
+        >>> w = torch.randn(20, 1, 5, 5).to(memory_format=torch.channels_last)
+        >>> masked_weight(w, torch.ones_like(w)).stride() == w.stride()
+        True
+    """
+    if isinstance(weight, torch.fx.Proxy):
+        # symbolic tracing (a pickled GraphModule is re-traced from its code): stay one node
+        return weight.tracer.create_proxy("call_function", masked_weight, (weight, mask), {})
+    out = weight * mask
+    if out.stride() != weight.stride() and out.shape == weight.shape and all(
+        a == b or n == 1 for a, b, n in zip(out.stride(), weight.stride(), weight.shape)
+    ):
+        out = out.as_strided(weight.shape, weight.stride())
+    return out
+
+
 class _Mask(nn.Module):
     """Parametrization ``w -> w * mask`` for parameters used inside leaf modules."""
 
@@ -158,7 +183,7 @@ class _Mask(nn.Module):
         self.register_buffer("mask", mask)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return w * self.mask
+        return masked_weight(w, self.mask)
 
 
 def _is_metadata_use(user: Node) -> bool:
@@ -252,7 +277,7 @@ def instrument(model: nn.Module, *, filter_fn: FilterFn | None = None) -> Lobste
                     with graph.inserting_after(node):
                         mask_node = graph.get_attr(mask_target)
                     with graph.inserting_after(mask_node):
-                        mul = graph.call_function(torch.mul, (node, mask_node))
+                        mul = graph.call_function(masked_weight, (node, mask_node))
                     mul.meta["lobster_mask"] = name
                     for u in users:
                         u.replace_input_with(node, mul)
