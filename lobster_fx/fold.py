@@ -49,17 +49,14 @@ def fold(gm: nn.Module) -> GraphModule:
     """
     gm = unwrap(gm)
     try:
-        # the copy shares the masks: they are only read here and removed from the copy,
-        # so copying them would cost a transient mask-sized copy of every prunable weight
-        memo = {id(mask): mask for _, _, mask in masked_parameters(gm)}
+        lobster_info(gm)
     except TypeError:
-        memo = {}
-    folded = copy.deepcopy(gm, memo)
+        return copy.deepcopy(gm)
+    # the copy shares the masks: they are only read here and removed from the copy,
+    # so copying them would cost a transient mask-sized copy of every prunable weight
+    folded = copy.deepcopy(gm, {id(mask): mask for _, _, mask in masked_parameters(gm)})
     _unshare_parametrized_classes(folded)
-    try:
-        info = lobster_info(folded)
-    except TypeError:
-        return folded
+    info = lobster_info(folded)
     graph_masks: dict[int, torch.Tensor] = {}
     for entry, p, mask in masked_parameters(folded):
         if entry.route == "graph":

@@ -157,8 +157,9 @@ def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     The product's strides follow its own rules on size-1 dims, where any stride is valid:
     a channels-last ``(20, 1, 5, 5)`` or ``(64, 32, 1, 1)`` weight (``model.to(memory_format=
     torch.channels_last)``) came out with NCHW strides, so the convolution ran NCHW and
-    converted the activations back and forth (LeNet-5, channels-last, one thread: a
-    training step took 29.4 ms masked vs 20.0 ms plain). Same values, same memory order.
+    converted to and from channels-last (LeNet-5, channels-last, one thread: a training
+    step took 26.8 ms masked vs 17.0 ms plain, ``benchmarks/compute_bound.py``). Same
+    values, same memory order.
 
         >>> w = torch.randn(20, 1, 5, 5).to(memory_format=torch.channels_last)
         >>> masked_weight(w, torch.ones_like(w)).stride() == w.stride()
