@@ -28,6 +28,7 @@ Example::
 from __future__ import annotations
 
 import builtins
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -35,6 +36,8 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 from torch.nn.utils import parametrize
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch._C._functorch import is_functorch_wrapped_tensor as _is_functorch_wrapped
 
 from lobster_fx.trace import LobsterGraphModule, TraceSummary, _shallow_copy_module, trace_model
 
@@ -151,8 +154,56 @@ def masks(gm: nn.Module) -> dict[str, torch.Tensor]:
     return {info.name: mask for info, _, mask in masked_parameters(gm)}
 
 
+# mask id -> (weakref to the mask, mask._version, every entry is 1): whether masked_weight may
+# return the weight itself. Keyed by id with a weakref check (not a WeakKeyDictionary, whose
+# lookups compare tensors with ==), so a hit allocates nothing; entries leave with their mask
+_ALL_ONES: dict[int, tuple[weakref.ref, int, bool]] = {}
+
+
+def _forget_mask(key: int, ref: weakref.ref) -> None:
+    entry = _ALL_ONES.get(key)
+    if entry is not None and entry[0] is ref:
+        del _ALL_ONES[key]
+
+
+def _is_eager_all_ones(weight: torch.Tensor, mask: torch.Tensor) -> bool:
+    """True if ``mask`` is all ones and ``weight * mask`` may be skipped: plain eager tensors only.
+
+    Whatever records the ops instead of only running them (dynamo / ``torch.export``,
+    ``torch.jit.trace``, ``make_fx`` and other dispatch modes, CUDA graph capture) must
+    record the multiply, or a mask pruned later would be ignored by the recording. The
+    all-ones test is cached per in-place version of the mask: every in-place write
+    (``prune``, ``load_state_dict``, ``mask[i] = 0``) bumps it. A write through
+    ``mask.data`` does not, so ``prune`` and our loaders never write that way.
+    """
+    # first: dynamo must not trace the checks below (is_inference() is a graph break)
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
+        return False
+    if type(mask) is not torch.Tensor or mask.layout is not torch.strided or mask.is_inference():
+        return False
+    if type(weight) not in (torch.Tensor, nn.Parameter) or mask.device.type not in ("cpu", "cuda"):
+        return False
+    if _is_functorch_wrapped(weight) or _is_functorch_wrapped(mask):
+        return False
+    if mask.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    key = id(mask)
+    entry = _ALL_ONES.get(key)
+    if entry is not None and entry[0]() is mask and entry[1] == mask._version:
+        return entry[2]
+    ref = weakref.ref(mask, lambda r, key=key: _forget_mask(key, r))
+    all_ones = bool((mask == 1).all())
+    _ALL_ONES[key] = (ref, mask._version, all_ones)
+    return all_ones
+
+
 def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``weight * mask``, with ``weight``'s strides where they differ only on size-1 dims.
+
+    While ``mask`` is all ones (before the first pruning) an eager call returns ``weight``
+    itself: ``w * 1.0 == w`` bit for bit, and its gradient is the same, so the multiply and
+    its backward are skipped (``benchmarks/results/overhead.md``). Under ``torch.compile``,
+    tracing and dispatch modes the multiply is always recorded.
 
     The product's strides follow its own rules on size-1 dims, where any stride is valid:
     a channels-last ``(20, 1, 5, 5)`` or ``(64, 32, 1, 1)`` weight (``model.to(memory_format=
@@ -168,6 +219,8 @@ def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if isinstance(weight, torch.fx.Proxy):
         # symbolic tracing (a pickled GraphModule is re-traced from its code): stay one node
         return weight.tracer.create_proxy("call_function", masked_weight, (weight, mask), {})
+    if _is_eager_all_ones(weight, mask):
+        return weight
     out = weight * mask
     if out.stride() != weight.stride() and out.shape == weight.shape and all(
         a == b or n == 1 for a, b, n in zip(out.stride(), weight.stride(), weight.shape)

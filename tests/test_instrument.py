@@ -401,3 +401,77 @@ def test_masked_weight_nodes_survive_pickling():
     assert targets.count(masked_weight) == len(lobster_fx.masks(gm))
     x = torch.randn(2, 1, 28, 28)
     assert torch.equal(back(x), gm(x))
+
+
+def test_all_ones_mask_returns_the_weight_and_a_written_mask_is_applied_at_once():
+    """Before any pruning, eager ``masked_weight`` skips ``w * 1`` (bit-identical) and returns
+    the parameter itself; any in-place write to the mask (prune's ``masked_fill_``, ``mask[i] = 0``,
+    ``load_state_dict``) bumps its version and the next forward multiplies again."""
+    from lobster_fx.instrument import masked_weight
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    gm = lobster_fx.instrument(copy.deepcopy(model))
+    w, mask = gm.get_parameter("0.weight"), lobster_fx.masks(gm)["0.weight"]
+    assert masked_weight(w, mask) is w
+    x = torch.randn(4, 6)
+    assert torch.equal(gm(x), model(x))
+
+    mask[1, 2] = 0  # an in-place write, no prune
+    assert masked_weight(w, mask) is not w
+    with torch.no_grad():
+        model[0].weight[1, 2] = 0  # the independent reference: the weight zeroed by hand
+    assert torch.equal(gm(x), model(x))
+    gm(x).sum().backward()
+    assert gm.get_parameter("0.weight").grad[1, 2] == 0  # d(w * mask)/dw is 0 where masked
+
+    mask.fill_(1)
+    assert masked_weight(w, mask) is w
+    gm.load_state_dict({**gm.state_dict(), "0.weight_mask": torch.zeros(5, 6)})
+    assert masked_weight(w, mask) is not w
+    assert torch.count_nonzero(masked_weight(w, mask)) == 0
+
+
+def test_recorders_keep_the_multiply_of_an_all_ones_mask():
+    """jit.trace, make_fx and torch.compile record ops instead of only running them: with an
+    all-ones mask skipped, a mask pruned later would be ignored by the recording."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    torch.manual_seed(0)
+    gm = lobster_fx.instrument(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)))
+    x = torch.randn(4, 6)
+    traced = torch.jit.trace(gm, (x,))
+    fx_graph = make_fx(gm)(x)
+    compiled = torch.compile(gm, backend="aot_eager", fullgraph=True)  # and no graph break of ours
+    assert torch.equal(compiled(x), gm(x))
+    n_mul = sum(n.target == torch.ops.aten.mul.Tensor for n in fx_graph.graph.nodes)
+    assert n_mul == len(lobster_fx.masks(gm))
+
+    mask = lobster_fx.masks(gm)["0.weight"]
+    mask[:, :3] = 0
+    expected = gm(x)
+    assert torch.equal(traced(x), expected)
+    assert torch.equal(compiled(x), expected)
+    assert torch.equal(fx_graph(x), expected)
+    assert not torch.allclose(expected, _unmasked(gm, x))  # the zeroed mask entries change the output
+
+
+def _unmasked(gm, x):
+    """gm's function with every mask ignored (the raw parameters), computed by hand."""
+    h = torch.relu(x @ gm.get_parameter("0.weight").T + gm.get_parameter("0.bias"))
+    return h @ gm.get_parameter("2.weight").T + gm.get_parameter("2.bias")
+
+
+def test_all_ones_cache_forgets_dead_masks():
+    import gc
+
+    from lobster_fx.instrument import _ALL_ONES, masked_weight
+
+    w = torch.randn(3, 3)
+    mask = torch.ones(3, 3)
+    assert masked_weight(w, mask) is w
+    key = id(mask)
+    assert key in _ALL_ONES
+    del mask
+    gc.collect()
+    assert key not in _ALL_ONES

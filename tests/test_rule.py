@@ -443,3 +443,36 @@ def test_fused_rule_follows_a_changing_lambda_without_recompiling_out_of_the_fus
             assert rule.fused
             for n, p in model.named_parameters():
                 torch.testing.assert_close(p.detach(), hand_eq6(before[n], grads[n], 0.1, rule.lmbda), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("keep_buffers", [True, False])
+def test_eager_rule_reuses_its_gradient_buffers_and_still_matches_eq6(monkeypatch, keep_buffers):
+    """The eager rule keeps its |g| buffers across steps on small models (a fresh 1 MB buffer per
+    step was page-faulted back in every step on LeNet-300); above SCRATCH_MAX_NUMEL it allocates
+    per step. Both give eq. (6), with weight decay too (the term kept across the step)."""
+    import lobster_fx.rule as rule_mod
+
+    if not keep_buffers:
+        monkeypatch.setattr(rule_mod, "SCRATCH_MAX_NUMEL", 0)
+    for wd in (0.0, 0.01):
+        model = _model().double()
+        gm = lobster_fx.instrument(model)
+        x, y = (t.double() for t in _data())
+        eta, lmbda = 0.1, 0.05
+        opt = torch.optim.SGD(gm.parameters(), lr=eta, weight_decay=wd)
+        rule = lobster_fx.Lobster(gm, opt, lmbda=lmbda, fused=False)
+        seen = []
+        for _ in range(3):
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            grads = _grads(gm, x, y)
+            opt.step()
+            seen.append([id(b) for b in rule._scratch[1]] if rule._scratch[1] is not None else None)
+            for n, p in model.named_parameters():
+                g = grads[n] + wd * before[n]
+                shrink = torch.where(1 - grads[n].abs() > 0, 1 - grads[n].abs(), torch.zeros_like(g))
+                expected = before[n] - eta * g - lmbda * before[n] * shrink
+                torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-15)
+        if keep_buffers:
+            assert seen[0] is not None and seen[0] == seen[1] == seen[2]
+        else:
+            assert seen == [None, None, None]
