@@ -51,6 +51,7 @@ __all__ = [
     "lobster_info",
     "unwrap",
     "masked_weight",
+    "mask_is_all_ones",
 ]
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -154,10 +155,10 @@ def masks(gm: nn.Module) -> dict[str, torch.Tensor]:
     return {info.name: mask for info, _, mask in masked_parameters(gm)}
 
 
-# mask id -> (weakref to the mask, mask._version, every entry is 1): whether masked_weight may
-# return the weight itself. Keyed by id with a weakref check (not a WeakKeyDictionary, whose
-# lookups compare tensors with ==), so a hit allocates nothing; entries leave with their mask
-_ALL_ONES: dict[int, tuple[weakref.ref, int, bool]] = {}
+# mask id -> (weakref to the mask, mask._version, data_ptr, every entry is 1). Keyed by id with a
+# weakref check (not a WeakKeyDictionary, whose lookups compare tensors with ==), so a hit
+# allocates nothing; entries leave with their mask
+_ALL_ONES: dict[int, tuple[weakref.ref, int, int, bool]] = {}
 
 
 def _forget_mask(key: int, ref: weakref.ref) -> None:
@@ -166,34 +167,33 @@ def _forget_mask(key: int, ref: weakref.ref) -> None:
         del _ALL_ONES[key]
 
 
-def _is_eager_all_ones(weight: torch.Tensor, mask: torch.Tensor) -> bool:
-    """True if ``mask`` is all ones and ``weight * mask`` may be skipped: plain eager tensors only.
+def mask_is_all_ones(mask: torch.Tensor) -> bool:
+    """True if every entry of ``mask`` is 1; False if one is not, or if it cannot be told cheaply.
 
-    Whatever records the ops instead of only running them (dynamo / ``torch.export``,
-    ``torch.jit.trace``, ``make_fx`` and other dispatch modes, CUDA graph capture) must
-    record the multiply, or a mask pruned later would be ignored by the recording. The
-    all-ones test is cached per in-place version of the mask: every in-place write
-    (``prune``, ``load_state_dict``, ``mask[i] = 0``) bumps it. A write through
-    ``mask.data`` does not, so ``prune`` and our loaders never write that way.
+    Cached per in-place version and storage of the mask: every in-place write (``prune``'s
+    ``masked_fill_``, ``mask[i] = 0``, ``load_state_dict``) bumps the version, and
+    ``mask.data = t`` moves the storage. A write *into* ``mask.data`` (``mask.data[i] = 0``)
+    does neither and is not seen: write masks in place, under ``torch.no_grad()`` if need be.
+    Anything that records ops instead of only running them (dynamo / ``torch.export``,
+    ``torch.jit.trace``, ``make_fx`` and other dispatch modes, CUDA graph capture) gets False,
+    so it records the multiply: a mask pruned later must not be ignored by the recording.
     """
     # first: dynamo must not trace the checks below (is_inference() is a graph break)
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
         return False
     if type(mask) is not torch.Tensor or mask.layout is not torch.strided or mask.is_inference():
         return False
-    if type(weight) not in (torch.Tensor, nn.Parameter) or mask.device.type not in ("cpu", "cuda"):
-        return False
-    if _is_functorch_wrapped(weight) or _is_functorch_wrapped(mask):
+    if mask.device.type not in ("cpu", "cuda") or _is_functorch_wrapped(mask):
         return False
     if mask.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
     key = id(mask)
     entry = _ALL_ONES.get(key)
-    if entry is not None and entry[0]() is mask and entry[1] == mask._version:
-        return entry[2]
+    if entry is not None and entry[0]() is mask and entry[1] == mask._version and entry[2] == mask.data_ptr():
+        return entry[3]
     ref = weakref.ref(mask, lambda r, key=key: _forget_mask(key, r))
     all_ones = bool((mask == 1).all())
-    _ALL_ONES[key] = (ref, mask._version, all_ones)
+    _ALL_ONES[key] = (ref, mask._version, mask.data_ptr(), all_ones)
     return all_ones
 
 
@@ -219,7 +219,8 @@ def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if isinstance(weight, torch.fx.Proxy):
         # symbolic tracing (a pickled GraphModule is re-traced from its code): stay one node
         return weight.tracer.create_proxy("call_function", masked_weight, (weight, mask), {})
-    if _is_eager_all_ones(weight, mask):
+    # mask first: it answers False under compile before anything dynamo cannot trace
+    if mask_is_all_ones(mask) and type(weight) in (torch.Tensor, nn.Parameter) and not _is_functorch_wrapped(weight):
         return weight
     out = weight * mask
     if out.stride() != weight.stride() and out.shape == weight.shape and all(

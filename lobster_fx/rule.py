@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lobster_fx.instrument import MaskedParam, lobster_info, masked_parameters, unwrap
+from lobster_fx.instrument import MaskedParam, lobster_info, mask_is_all_ones, masked_parameters, unwrap
 
 __all__ = ["Lobster", "lobster_delta", "FUSE_MIN_NUMEL"]
 
@@ -167,7 +167,6 @@ class Lobster:
         self._membership: tuple[tuple, set[int]] = ((), set())
         self.steps = 0
         self._pending: tuple | None = None
-        self._zeros_cache: dict[int, tuple[torch.Tensor, int, bool]] = {}
         self._scratch: tuple[tuple, list[torch.Tensor] | None] = ((), None)
         if fused not in (None, True, False):
             raise ValueError(f"Lobster: fused must be True, False or None (auto), got {fused!r}")
@@ -298,11 +297,11 @@ class Lobster:
             return
         if deltas is not None:
             torch._foreach_add_(params, deltas, alpha=self.lmbda)
-        # masks that are all ones are skipped; their all-ones state is cached per in-place version
+        # masks that are all ones are skipped (cached per in-place version, see mask_is_all_ones)
         if torch.compiler.is_compiling():  # a compiled optimizer step: no data-dependent branch
             pinned = list(zip(params, masks))
         else:
-            pinned = [(p, m) for p, m in zip(params, masks) if self._has_zeros(m)]
+            pinned = [(p, m) for p, m in zip(params, masks) if not mask_is_all_ones(m)]
         if pinned:
             torch._foreach_mul_([p for p, _ in pinned], [m for _, m in pinned])
         self.steps += 1
@@ -312,14 +311,6 @@ class Lobster:
         if self._lmbda_cache[0] != key:
             self._lmbda_cache = (key, torch.tensor(self.lmbda, dtype=like.dtype, device=like.device))
         return self._lmbda_cache[1]
-
-    def _has_zeros(self, mask: torch.Tensor) -> bool:
-        key = id(mask)
-        cached = self._zeros_cache.get(key)
-        if cached is None or cached[0] is not mask or cached[1] != mask._version:
-            cached = (mask, mask._version, not bool(mask.all()))
-            self._zeros_cache[key] = cached
-        return cached[2]
 
     def remove(self) -> None:
         """Detach from the optimizer; later steps are plain optimizer steps."""

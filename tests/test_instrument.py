@@ -427,6 +427,9 @@ def test_all_ones_mask_returns_the_weight_and_a_written_mask_is_applied_at_once(
 
     mask.fill_(1)
     assert masked_weight(w, mask) is w
+    mask.data = torch.zeros(5, 6)  # a new storage, same tensor object and version
+    assert masked_weight(w, mask) is not w
+    mask.fill_(1)
     gm.load_state_dict({**gm.state_dict(), "0.weight_mask": torch.zeros(5, 6)})
     assert masked_weight(w, mask) is not w
     assert torch.count_nonzero(masked_weight(w, mask)) == 0
