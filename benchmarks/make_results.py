@@ -15,6 +15,7 @@ SECTIONS = [
     ("compute_bound", "LeNet-5 step vs the CPU's arithmetic limit (issue 4)", "python benchmarks/compute_bound.py"),
     ("coverage", "Coverage sweep (issue 5)", "python benchmarks/coverage.py"),
     ("overhead", "Training overhead (issue 5)", "python benchmarks/overhead.py"),
+    ("compile_profile", "Masks under torch.compile: where the time goes (issue 5)", "python benchmarks/compile_profile.py"),
 ]
 
 
