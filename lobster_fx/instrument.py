@@ -52,6 +52,7 @@ __all__ = [
     "unwrap",
     "masked_weight",
     "mask_is_all_ones",
+    "mask_has_zeros",
 ]
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -155,46 +156,58 @@ def masks(gm: nn.Module) -> dict[str, torch.Tensor]:
     return {info.name: mask for info, _, mask in masked_parameters(gm)}
 
 
-# mask id -> (weakref to the mask, mask._version, data_ptr, every entry is 1). Keyed by id with a
-# weakref check (not a WeakKeyDictionary, whose lookups compare tensors with ==), so a hit
-# allocates nothing; entries leave with their mask
-_ALL_ONES: dict[int, tuple[weakref.ref, int, int, bool]] = {}
+# mask id -> (weakref to the mask, mask._version, data_ptr, (all ones, has a zero)). Keyed by id
+# with a weakref check (not a WeakKeyDictionary, whose lookups compare tensors with ==), so a
+# hit allocates nothing; entries leave with their mask
+_MASK_FACTS: dict[int, tuple[weakref.ref, int, int, tuple[bool, bool]]] = {}
 
 
 def _forget_mask(key: int, ref: weakref.ref) -> None:
-    entry = _ALL_ONES.get(key)
+    entry = _MASK_FACTS.get(key)
     if entry is not None and entry[0] is ref:
-        del _ALL_ONES[key]
+        del _MASK_FACTS[key]
 
 
-def mask_is_all_ones(mask: torch.Tensor) -> bool:
-    """True if every entry of ``mask`` is 1; False if one is not, or if it cannot be told cheaply.
+def _mask_facts(mask: torch.Tensor) -> tuple[bool, bool] | None:
+    """``(every entry is 1, some entry is 0)`` for ``mask``, or None where it cannot be told cheaply.
 
     Cached per in-place version and storage of the mask: every in-place write (``prune``'s
     ``masked_fill_``, ``mask[i] = 0``, ``load_state_dict``) bumps the version, and
     ``mask.data = t`` moves the storage. A write *into* ``mask.data`` (``mask.data[i] = 0``)
     does neither and is not seen: write masks in place, under ``torch.no_grad()`` if need be.
     Anything that records ops instead of only running them (dynamo / ``torch.export``,
-    ``torch.jit.trace``, ``make_fx`` and other dispatch modes, CUDA graph capture) gets False,
-    so it records the multiply: a mask pruned later must not be ignored by the recording.
+    ``torch.jit.trace``, ``make_fx`` and other dispatch modes, CUDA graph capture) gets None:
+    a recording must not depend on the values a mask holds when it is made.
     """
     # first: dynamo must not trace the checks below (is_inference() is a graph break)
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
-        return False
+        return None
     if type(mask) is not torch.Tensor or mask.layout is not torch.strided or mask.is_inference():
-        return False
+        return None
     if mask.device.type not in ("cpu", "cuda") or _is_functorch_wrapped(mask):
-        return False
+        return None
     if mask.is_cuda and torch.cuda.is_current_stream_capturing():
-        return False
+        return None
     key = id(mask)
-    entry = _ALL_ONES.get(key)
+    entry = _MASK_FACTS.get(key)
     if entry is not None and entry[0]() is mask and entry[1] == mask._version and entry[2] == mask.data_ptr():
         return entry[3]
     ref = weakref.ref(mask, lambda r, key=key: _forget_mask(key, r))
-    all_ones = bool((mask == 1).all())
-    _ALL_ONES[key] = (ref, mask._version, mask.data_ptr(), all_ones)
-    return all_ones
+    facts = (bool((mask == 1).all()), not bool(mask.all()))
+    _MASK_FACTS[key] = (ref, mask._version, mask.data_ptr(), facts)
+    return facts
+
+
+def mask_is_all_ones(mask: torch.Tensor) -> bool:
+    """True if every entry of ``mask`` is known to be 1 (cached; see ``_mask_facts``), else False."""
+    facts = _mask_facts(mask)
+    return facts is not None and facts[0]
+
+
+def mask_has_zeros(mask: torch.Tensor) -> bool:
+    """True if some entry of ``mask`` is 0, or if that cannot be told cheaply (cached)."""
+    facts = _mask_facts(mask)
+    return facts is None or facts[1]
 
 
 def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

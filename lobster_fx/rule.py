@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lobster_fx.instrument import MaskedParam, lobster_info, mask_is_all_ones, masked_parameters, unwrap
+from lobster_fx.instrument import MaskedParam, lobster_info, mask_has_zeros, masked_parameters, unwrap
 
 __all__ = ["Lobster", "lobster_delta", "FUSE_MIN_NUMEL"]
 
@@ -297,11 +297,11 @@ class Lobster:
             return
         if deltas is not None:
             torch._foreach_add_(params, deltas, alpha=self.lmbda)
-        # masks that are all ones are skipped (cached per in-place version, see mask_is_all_ones)
+        # masks without zeros are skipped (cached per in-place version, see instrument._mask_facts)
         if torch.compiler.is_compiling():  # a compiled optimizer step: no data-dependent branch
             pinned = list(zip(params, masks))
         else:
-            pinned = [(p, m) for p, m in zip(params, masks) if not mask_is_all_ones(m)]
+            pinned = [(p, m) for p, m in zip(params, masks) if mask_has_zeros(m)]
         if pinned:
             torch._foreach_mul_([p for p, _ in pinned], [m for _, m in pinned])
         self.steps += 1

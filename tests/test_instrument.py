@@ -468,13 +468,21 @@ def _unmasked(gm, x):
 def test_all_ones_cache_forgets_dead_masks():
     import gc
 
-    from lobster_fx.instrument import _ALL_ONES, masked_weight
+    from lobster_fx.instrument import _MASK_FACTS, masked_weight
+
+    from lobster_fx.instrument import mask_has_zeros, mask_is_all_ones
 
     w = torch.randn(3, 3)
     mask = torch.ones(3, 3)
     assert masked_weight(w, mask) is w
+    assert mask_is_all_ones(mask) and not mask_has_zeros(mask)
+    mask.fill_(0.5)  # a soft mask: multiplied in the forward, never pinned (it has no zero)
+    assert not mask_is_all_ones(mask) and not mask_has_zeros(mask)
+    assert torch.equal(masked_weight(w, mask), w * 0.5)
+    mask[0, 0] = 0
+    assert not mask_is_all_ones(mask) and mask_has_zeros(mask)
     key = id(mask)
-    assert key in _ALL_ONES
+    assert key in _MASK_FACTS
     del mask
     gc.collect()
-    assert key not in _ALL_ONES
+    assert key not in _MASK_FACTS
