@@ -232,8 +232,10 @@ def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if isinstance(weight, torch.fx.Proxy):
         # symbolic tracing (a pickled GraphModule is re-traced from its code): stay one node
         return weight.tracer.create_proxy("call_function", masked_weight, (weight, mask), {})
-    # mask first: it answers False under compile before anything dynamo cannot trace
-    if mask_is_all_ones(mask) and type(weight) in (torch.Tensor, nn.Parameter) and not _is_functorch_wrapped(weight):
+    # mask first: it answers False under compile before anything dynamo cannot trace. A mask
+    # that requires grad (learned, or swapped in by functional_call) needs the product's backward
+    if mask_is_all_ones(mask) and not mask.requires_grad and type(weight) in (torch.Tensor, nn.Parameter) \
+            and not _is_functorch_wrapped(weight):
         return weight
     out = weight * mask
     if out.stride() != weight.stride() and out.shape == weight.shape and all(

@@ -465,6 +465,18 @@ def _unmasked(gm, x):
     return h @ gm.get_parameter("2.weight").T + gm.get_parameter("2.bias")
 
 
+def test_a_mask_that_requires_grad_gets_its_gradient_while_all_ones():
+    """Skipping ``w * 1`` would cut the path to a learned mask: d(w * m)/dm = w."""
+    from lobster_fx.instrument import masked_weight
+
+    w = torch.randn(4, 3)
+    mask = torch.ones(4, 3, requires_grad=True)
+    out = masked_weight(w, mask)
+    assert out is not w
+    out.sum().backward()
+    assert torch.equal(mask.grad, w)
+
+
 def test_all_ones_cache_forgets_dead_masks():
     import gc
 
