@@ -14,6 +14,7 @@ SECTIONS = [
     ("train_cost", "Training cost: step layouts and the threshold search (issue 4)", "python benchmarks/train_cost.py"),
     ("compute_bound", "LeNet-5 step vs the CPU's arithmetic limit (issue 4)", "python benchmarks/compute_bound.py"),
     ("coverage", "Coverage sweep (issue 5)", "python benchmarks/coverage.py"),
+    ("train_parity", "Training parity before pruning (issue 5)", "python benchmarks/train_parity.py"),
     ("overhead", "Training overhead (issue 5)", "python benchmarks/overhead.py"),
     ("compile_profile", "Masks under torch.compile: where the time goes (issue 5)", "python benchmarks/compile_profile.py"),
 ]
