@@ -226,15 +226,21 @@ def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     values, same memory order.
 
         >>> w = torch.randn(20, 1, 5, 5).to(memory_format=torch.channels_last)
-        >>> masked_weight(w, torch.ones_like(w)).stride() == w.stride()
+        >>> mask = torch.ones_like(w)
+        >>> masked_weight(w, mask) is w  # all ones: the weight itself
+        True
+        >>> mask[0] = 0
+        >>> masked_weight(w, mask).stride() == w.stride()
         True
     """
     if isinstance(weight, torch.fx.Proxy):
         # symbolic tracing (a pickled GraphModule is re-traced from its code): stay one node
         return weight.tracer.create_proxy("call_function", masked_weight, (weight, mask), {})
     # mask first: it answers False under compile before anything dynamo cannot trace. A mask
-    # that requires grad (learned, or swapped in by functional_call) needs the product's backward
+    # that requires grad (learned, or swapped in by functional_call) needs the product's backward;
+    # a mask of another shape, dtype or device would broadcast, promote or fail in the product
     if mask_is_all_ones(mask) and not mask.requires_grad and type(weight) in (torch.Tensor, nn.Parameter) \
+            and mask.shape == weight.shape and mask.dtype == weight.dtype and mask.device == weight.device \
             and not _is_functorch_wrapped(weight):
         return weight
     out = weight * mask

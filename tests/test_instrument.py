@@ -477,6 +477,15 @@ def test_a_mask_that_requires_grad_gets_its_gradient_while_all_ones():
     assert torch.equal(mask.grad, w)
 
 
+def test_an_all_ones_mask_that_would_broadcast_or_promote_is_multiplied():
+    from lobster_fx.instrument import masked_weight
+
+    w = torch.randn(3, 4, dtype=torch.float16)
+    for mask in (torch.ones(3, 4), torch.ones(2, 3, 4, dtype=torch.float16), torch.ones(4, dtype=torch.float16)):
+        out = masked_weight(w, mask)
+        assert out is not w and out.dtype == (w * mask).dtype and out.shape == (w * mask).shape
+
+
 def test_all_ones_cache_forgets_dead_masks():
     import gc
 
