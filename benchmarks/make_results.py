@@ -16,6 +16,7 @@ SECTIONS = [
     ("coverage", "Coverage sweep (issue 5)", "python benchmarks/coverage.py"),
     ("train_parity", "Training parity before pruning (issue 5)", "python benchmarks/train_parity.py"),
     ("overhead", "Training overhead (issue 5)", "python benchmarks/overhead.py"),
+    ("native_rule_probe", "A native rule kernel on LeNet-300: probe (issue 5)", "python benchmarks/native_rule_probe.py"),
     ("compile_profile", "Masks under torch.compile: where the time goes (issue 5)", "python benchmarks/compile_profile.py"),
 ]
 
