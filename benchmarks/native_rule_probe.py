@@ -24,11 +24,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import lobster_fx  # noqa: E402
 from lobster_fx.models import LeNet300  # noqa: E402
+from overhead import _time_steps  # noqa: E402  (benchmarks/overhead.py: the same step as its rows)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -101,20 +102,12 @@ def main() -> int:
                 keep.append(NativeRule(gm, opt, 1e-4))
             sides[name] = (gm, opt)
 
-        def steps(model, opt, n):
-            t0 = time.perf_counter()
-            for _ in range(n):
-                opt.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x), y).backward()
-                opt.step()
-            return (time.perf_counter() - t0) / n
-
         for model, opt in sides.values():
-            steps(model, opt, 50)  # warm-up, and the compiled rule's compile
+            _time_steps(model, opt, x, y, 50)  # warm-up, and the compiled rule's compile
         times: dict[str, list[float]] = {k: [] for k in sides}
         for r in range(20):
             for k in (list(sides) if r % 2 == 0 else list(reversed(sides))):
-                times[k].append(steps(*sides[k], 200))
+                times[k].append(_time_steps(*sides[k], x, y, 200))
     med = {k: statistics.median(v) for k, v in times.items()}
     data = {"model": "lenet300", "batch": 64, "threads": 1, "torch": torch.__version__,
             "measured": time.strftime("%Y-%m-%d %H:%M"), "build_seconds": round(build_s, 1),
