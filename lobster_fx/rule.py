@@ -168,6 +168,8 @@ class Lobster:
         self.steps = 0
         self._pending: tuple | None = None
         self._scratch: tuple[tuple, list[torch.Tensor] | None] = ((), None)
+        # decided once: above the cap the eager rule allocates per step and builds no per-step key
+        self._keep_scratch = sum(p.numel() for _, p, _ in masked_parameters(self.gm)) <= SCRATCH_MAX_NUMEL
         if fused not in (None, True, False):
             raise ValueError(f"Lobster: fused must be True, False or None (auto), got {fused!r}")
         if fused is None:
@@ -259,10 +261,11 @@ class Lobster:
         that was 40-120 page faults and 0.1-0.6 ms per step. Above the cap a buffer kept
         for good costs more memory than the faults cost time, so None: allocate per step.
         """
+        if not self._keep_scratch:
+            return None
         key = tuple((g.shape, g.stride(), g.dtype, g.device) for g in grads)
         if self._scratch[0] != key:
-            small = sum(g.numel() for g in grads) <= SCRATCH_MAX_NUMEL
-            self._scratch = (key, [torch.empty_like(g) for g in grads] if small else None)
+            self._scratch = (key, [torch.empty_like(g) for g in grads])
         return self._scratch[1]
 
     def _run_fused(self, kernel, *args: Any) -> Any:
