@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -357,11 +356,6 @@ def test_traced_graph_module_exports(tmp_path):
     assert rep.ratio < 0.35
 
 
-_HAS_FOLD = importlib.util.find_spec("lobster_fx.fold") is not None
-_HAS_SLIM = importlib.util.find_spec("lobster_fx.slim") is not None
-
-
-@pytest.mark.skipif(not _HAS_FOLD, reason="lobster_fx.fold not written yet")
 def test_instrumented_model_is_folded(tmp_path):
     """Masks are multiplied into the weights: one tensor per weight, small file,
     and the caller's instrumented module keeps its (train) graph."""
@@ -383,7 +377,6 @@ def test_instrumented_model_is_folded(tmp_path):
     np.testing.assert_allclose(out, gm.eval()(x).detach().numpy(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not _HAS_SLIM, reason="lobster_fx.slim not written yet")
 def test_slim_export_removes_dead_units(tmp_path):
     model = _sparsify_(_mlp(), 0.9)
     with torch.no_grad():
