@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from torch import nn
 from lobster_fx.instrument import masked_parameters, unwrap
 from lobster_fx.trace import LobsterGraphModule
 
-__all__ = ["prune", "PruneResult", "distinct_magnitudes"]
+__all__ = ["PruneResult", "distinct_magnitudes", "prune"]
 
 Evaluate = Callable[[nn.Module], float]
 
@@ -68,11 +69,33 @@ def _checked_loss(evaluate: Evaluate, model: nn.Module, what: str) -> float:
     return loss
 
 
+def _reduction_device(group: Any = None) -> torch.device:
+    """The device a collective of ``group``'s backend accepts tensors on.
+
+    NCCL takes CUDA tensors only (a CPU tensor raises at the first pruning phase),
+    on the device this rank uses; gloo and mpi take CPU tensors. A combined backend
+    (``"cpu:gloo,cuda:nccl"``) that serves the CPU reduces there (no device copy).
+    Decided from the backend's name only, so it is testable without CUDA.
+    """
+    backend = str(torch.distributed.get_backend(group)).lower()
+    if ":" in backend:  # "device:backend" pairs
+        device_types = [pair.split(":", 1)[0].strip() for pair in backend.split(",")]
+    else:
+        device_types = list(torch.distributed.Backend.backend_capability.get(backend, ["cpu"]))
+    if "cpu" in device_types or not device_types:
+        return torch.device("cpu")
+    device_type = device_types[0]
+    if device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device_type, torch.get_device_module(device_type).current_device())
+
+
 def _all_reduce_mean(loss: float) -> float:
     """Average the loss over ranks so every rank takes the same decision."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return loss
-    t = torch.tensor([loss], dtype=torch.float64)
+    # float64 on every backend's device: NCCL supports it, and the mean keeps a float's digits
+    t = torch.tensor([loss], dtype=torch.float64, device=_reduction_device())
     torch.distributed.all_reduce(t)
     return float(t.item() / torch.distributed.get_world_size())
 

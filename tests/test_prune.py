@@ -1,5 +1,6 @@
 """The pruning phase: threshold guarantee, evaluation count, edge cases, errors."""
 
+import importlib
 import math
 
 import pytest
@@ -8,6 +9,8 @@ from torch import nn
 
 import lobster_fx
 from lobster_fx.instrument import masked_parameters
+
+prune_module = importlib.import_module("lobster_fx.prune")  # lobster_fx.prune is also the function
 
 
 def _known_loss_model(seed=0):
@@ -36,7 +39,7 @@ def _largest_admissible_threshold(originals, twt):
 
 @pytest.mark.parametrize("twt", [0.05, 0.3, 1.0])
 def test_threshold_is_largest_admissible_and_evaluated(twt):
-    gm, originals, evaluate, seen = _known_loss_model()
+    gm, originals, evaluate, _ = _known_loss_model()
     n = sum(w.numel() for w in originals.values())
     result = lobster_fx.prune(gm, evaluate, twt)
     expected = _largest_admissible_threshold(originals, twt)
@@ -77,7 +80,7 @@ def test_bad_precision(bad):
 
 
 def test_pruned_stay_pinned_across_rounds():
-    gm, originals, evaluate, _ = _known_loss_model()
+    gm, _, evaluate, _ = _known_loss_model()
     lobster_fx.prune(gm, evaluate, 0.05)
     first = {k: v.clone() for k, v in lobster_fx.masks(gm).items()}
     with torch.no_grad():  # weights that were pruned would come back if not pinned
@@ -171,3 +174,72 @@ def test_distinct_magnitudes_equal_torch_unique_over_live_entries():
     everything_masked = distinct_magnitudes(weights[:1], [torch.zeros_like(weights[0])])
     assert everything_masked.numel() == 0
     assert distinct_magnitudes([], []).numel() == 0
+
+
+# --- the loss all-reduce runs on the process group's device (NCCL rejects CPU tensors) ---
+
+
+@pytest.mark.parametrize(
+    ("backend", "expected"),
+    [("nccl", "cuda:3"), ("gloo", "cpu"), ("mpi", "cpu"), ("cpu:gloo,cuda:nccl", "cpu"), ("xccl", "xpu:3")],
+)
+def test_reduction_device_follows_the_backend(monkeypatch, backend, expected):
+    """Chosen from the backend's name alone, so it is checked without CUDA or a process group."""
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    if hasattr(torch, "xpu"):
+        monkeypatch.setattr(torch.xpu, "current_device", lambda: 3)
+    elif backend == "xccl":
+        pytest.skip("this torch has no torch.xpu")
+    assert prune_module._reduction_device() == torch.device(expected)
+
+
+def test_all_reduce_mean_reduces_on_the_reduction_device(monkeypatch):
+    """The wiring without CUDA: the tensor handed to all_reduce lives where _reduction_device says."""
+    seen = []
+
+    class Reduced(Exception):
+        pass
+
+    def fake_all_reduce(t, *args, **kwargs):
+        seen.append(t.device)
+        raise Reduced  # a meta tensor has no value to read back
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", fake_all_reduce)
+    monkeypatch.setattr(prune_module, "_reduction_device", lambda group=None: torch.device("meta"), raising=False)
+    with pytest.raises(Reduced):
+        prune_module._all_reduce_mean(1.5)
+    assert seen == [torch.device("meta")]
+
+
+def _init_single_rank(backend: str, tmp_path) -> None:
+    torch.distributed.init_process_group(backend, init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_prune_under_a_real_gloo_group_reduces_on_cpu(tmp_path):
+    _init_single_rank("gloo", tmp_path)
+    try:
+        assert prune_module._reduction_device() == torch.device("cpu")
+        assert prune_module._all_reduce_mean(1.25) == 1.25
+        gm, _, evaluate, _ = _known_loss_model()
+        assert lobster_fx.prune(gm, evaluate, 0.05).pruned > 0
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not torch.distributed.is_nccl_available(),
+                    reason="needs CUDA and NCCL")
+def test_prune_under_a_real_nccl_group(tmp_path):
+    """Regression: the CPU tensor of the old all-reduce made NCCL raise at the first pruning phase."""
+    torch.cuda.set_device(0)
+    _init_single_rank("nccl", tmp_path)
+    try:
+        assert prune_module._reduction_device() == torch.device("cuda", 0)
+        assert prune_module._all_reduce_mean(1.25) == 1.25
+        gm, _, evaluate, _ = _known_loss_model()
+        assert lobster_fx.prune(gm, evaluate, 0.05).pruned > 0
+    finally:
+        torch.distributed.destroy_process_group()
