@@ -5,7 +5,8 @@ until the validation loss has not improved for ``pwe`` epochs (plateau waiting
 epochs), optionally roll back to the best weights since the last pruning, then
 run a pruning phase (:func:`lobster_fx.prune`) with tolerance ``twt``. With
 ``every_n_iterations`` it instead prunes every N calls to ``step()`` (the
-paper's ImageNet variant).
+paper's ImageNet variant). Under ``torch.distributed`` the validation loss is
+averaged over the ranks, so every rank prunes at the same call.
 
 Example::
 
@@ -21,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 from lobster_fx.instrument import unwrap
-from lobster_fx.prune import Evaluate, PruneResult, prune
+from lobster_fx.prune import Evaluate, PruneResult, _all_reduce_mean, prune
 
 __all__ = ["PlateauPruner"]
 
@@ -50,6 +52,25 @@ class PlateauPruner:
         reuse_val_loss: after a rollback, take the best ``val_loss`` given to
             ``step()`` as the loss before pruning instead of evaluating again
             (only valid if ``val_loss`` is exactly what ``evaluate`` returns).
+        search_precision: ``precision`` of each pruning phase's threshold search
+            (see :func:`lobster_fx.prune`; ``0``: exact).
+        optimizer: the model's optimizer. When given, the rollback snapshot also
+            holds a copy of its per-parameter state (momentum buffers, Adam
+            moments and step counts) and rollback restores it with the weights,
+            so the discarded epochs leave no trace in the optimizer either. Its
+            hyper-parameters (``param_groups``: the lr a scheduler set) are left
+            as they are now. Costs one more copy of that state per snapshot.
+        sync_distributed: when ``torch.distributed`` is initialized, average
+            ``val_loss`` over the ranks in :meth:`step` (and every loss of the
+            threshold search), so all ranks take the same plateau decision even
+            when each passes its own shard's loss; a rank that pruned alone would
+            wait forever in the search's all-reduce. Every rank must then call
+            ``step`` equally often. ``False``: each rank decides from its own value.
+
+    :meth:`step` is all or nothing: if the pruning phase raises (``evaluate``
+    fails, a NaN loss, an interrupt), the model, the optimizer state and the
+    pruner's counters are put back as they were before the call, not left at
+    the rolled-back snapshot, and the error propagates.
     """
 
     def __init__(
@@ -64,6 +85,8 @@ class PlateauPruner:
         threshold: float = 0.0,
         reuse_val_loss: bool = False,
         search_precision: float = 0.0,
+        optimizer: torch.optim.Optimizer | None = None,
+        sync_distributed: bool = True,
     ) -> None:
         if not callable(evaluate):
             raise TypeError("PlateauPruner: evaluate must be a callable model -> float")
@@ -75,6 +98,8 @@ class PlateauPruner:
             raise ValueError(f"PlateauPruner: threshold must be in [0, 1), got {threshold}")
         if every_n_iterations is not None and int(every_n_iterations) < 1:
             raise ValueError(f"PlateauPruner: every_n_iterations must be >= 1, got {every_n_iterations}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"PlateauPruner: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.gm = unwrap(gm)
         self.evaluate = evaluate
         self.twt = float(twt)
@@ -86,51 +111,98 @@ class PlateauPruner:
         if not 0.0 <= float(search_precision) < 1.0:
             raise ValueError(f"PlateauPruner: search_precision must be in [0, 1), got {search_precision}")
         self.search_precision = float(search_precision)
+        self.optimizer = optimizer
+        self.sync_distributed = bool(sync_distributed)
         self.best: float = math.inf
         self.bad_epochs = 0
         self.calls = 0
         self.history: list[dict[str, Any]] = []
         self._best_state: dict[str, torch.Tensor] | None = None
+        self._best_optimizer_state: dict[str, Any] | None = None
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.gm.state_dict().items()}
 
+    def _optimizer_snapshot(self) -> dict[str, Any] | None:
+        if self.optimizer is None:
+            return None
+        # state_dict() holds the live buffers: without the deep copy the snapshot would train on
+        return copy.deepcopy(self.optimizer.state_dict())
+
+    def _take_best(self) -> None:
+        self._best_state = self._snapshot()
+        self._best_optimizer_state = self._optimizer_snapshot()
+
+    def _restore(self, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any] | None) -> None:
+        self.gm.load_state_dict(model_state)
+        if self.optimizer is not None and optimizer_state is not None:
+            # the state (moments) of then, the hyper-parameters (lr) of now; a copy again, since
+            # load_state_dict may keep the given tensors and training would then alter the snapshot
+            self.optimizer.load_state_dict({
+                "state": copy.deepcopy(optimizer_state["state"]),
+                "param_groups": self.optimizer.state_dict()["param_groups"],
+            })
+
     def step(self, val_loss: float | None = None) -> PruneResult | None:
         """Call once per epoch with the validation loss (or once per iteration
         in ``every_n_iterations`` mode). Returns the prune result when it pruned."""
+        counters = (self.calls, self.bad_epochs, self.best)
         self.calls += 1
         if self.every_n_iterations is not None:
             if self.calls % self.every_n_iterations:
                 return None
-            return self._prune(loss_before=None)
+            return self._prune_or_undo(None, counters, None)
         if val_loss is None:
             raise ValueError("PlateauPruner.step(val_loss): val_loss is required in plateau mode")
         val_loss = float(val_loss)
+        if self.sync_distributed:
+            # before the finiteness check: a NaN on one rank reaches all, so all raise together
+            val_loss = _all_reduce_mean(val_loss)
         if not math.isfinite(val_loss):
-            raise ValueError(f"PlateauPruner.step: val_loss is {val_loss}")
+            self.calls -= 1
+            raise ValueError(f"PlateauPruner.step: val_loss is {val_loss} (averaged over ranks if distributed)")
         if val_loss < self.best * (1 - self.threshold):  # best starts at inf
             self.best = val_loss
             self.bad_epochs = 0
             if self.rollback:
-                self._best_state = self._snapshot()
+                self._take_best()
             return None
         self.bad_epochs += 1
         if self.bad_epochs < self.pwe:
             return None
         loss_before = None
+        before = None
         if self.rollback and self._best_state is not None:
-            self.gm.load_state_dict(self._best_state)
+            # rollback overwrites the model in place: keep what to put back if pruning fails
+            before = (self._snapshot(), self._optimizer_snapshot())
+            self._restore(self._best_state, self._best_optimizer_state)
             if self.reuse_val_loss:
                 loss_before = self.best
-        return self._prune(loss_before)
+        return self._prune_or_undo(loss_before, counters, before)
 
-    def _prune(self, loss_before: float | None) -> PruneResult:
-        result = prune(self.gm, self.evaluate, self.twt, loss_before=loss_before,
-                       precision=self.search_precision)
+    def _prune_or_undo(
+        self,
+        loss_before: float | None,
+        counters: tuple[int, int, float],
+        before: tuple[dict[str, torch.Tensor], dict[str, Any] | None] | None,
+    ) -> PruneResult:
+        """The pruning phase; on any error the state from before ``step()`` comes back."""
+        try:
+            result = prune(self.gm, self.evaluate, self.twt, loss_before=loss_before,
+                           sync_distributed=self.sync_distributed, precision=self.search_precision)
+        except BaseException:
+            # prune() itself undid its own changes (to the rolled-back state); undo the rollback too
+            if before is not None:
+                self._restore(*before)
+            self.calls, self.bad_epochs, self.best = counters
+            raise
         self.history.append({"call": self.calls, **result.to_dict()})
         self.best = result.loss_after
         self.bad_epochs = 0
-        self._best_state = self._snapshot() if self.rollback else None
+        if self.rollback:
+            self._take_best()
+        else:
+            self._best_state = self._best_optimizer_state = None
         return result
 
     def state_dict(self) -> dict[str, Any]:
@@ -141,17 +213,23 @@ class PlateauPruner:
             "every_n_iterations": self.every_n_iterations,
             "threshold": self.threshold,
             "reuse_val_loss": self.reuse_val_loss,
+            "search_precision": self.search_precision,
             "best": self.best,
             "bad_epochs": self.bad_epochs,
             "calls": self.calls,
             "history": [dict(h) for h in self.history],
             "best_state": self._best_state,
+            "best_optimizer_state": self._best_optimizer_state,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("twt", "pwe", "rollback", "every_n_iterations", "threshold", "best", "bad_epochs", "calls"):
             setattr(self, key, state[key])
+        # keys added later: an older checkpoint keeps this pruner's own settings
         self.reuse_val_loss = state.get("reuse_val_loss", self.reuse_val_loss)
+        self.search_precision = float(state.get("search_precision", self.search_precision))
         self.history = [dict(h) for h in state["history"]]
         best = state["best_state"]
         self._best_state = None if best is None else {k: v.clone() for k, v in best.items()}
+        best_optimizer = state.get("best_optimizer_state")
+        self._best_optimizer_state = None if best_optimizer is None else copy.deepcopy(best_optimizer)

@@ -161,22 +161,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_ddp(out_dir: str, mutant: bool = False) -> list[dict]:
+def _run_ddp(out_dir: str, mutant: bool = False, target=None) -> list[dict]:
     for attempt in range(2):  # the free port may be taken between choosing and binding it
         attempt_dir = os.path.join(out_dir, f"attempt{attempt}")
         os.makedirs(attempt_dir)
         try:
-            return _run_ddp_once(attempt_dir, mutant)
+            return _run_ddp_once(attempt_dir, mutant, target or _worker)
         except pytest.fail.Exception as e:
             if attempt or "address already in use" not in str(e).lower():
                 raise
     raise AssertionError("unreachable")
 
 
-def _run_ddp_once(out_dir: str, mutant: bool) -> list[dict]:
+def _run_ddp_once(out_dir: str, mutant: bool, target) -> list[dict]:
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, port, out_dir, mutant), daemon=True) for rank in range(WORLD)]
+    procs = [ctx.Process(target=target, args=(rank, port, out_dir, mutant), daemon=True) for rank in range(WORLD)]
     for p in procs:
         p.start()
     try:
@@ -271,3 +271,63 @@ def test_tolerance_is_discriminative(single_state):
     for other in (no_rule, half):
         same_masks = all(torch.equal(other["masks"][k], m) for k, m in single_state["masks"].items())
         assert not same_masks or _max_diff(other["params"], single_state["params"]) > 1e-4
+
+
+# --- PlateauPruner under DDP: ranks that pass their own shard's loss still prune together ---
+
+# each rank's own validation loss per epoch: rank 0 keeps improving, rank 1 gets worse, so
+# deciding from the local value prunes on rank 1 only (at call 2), whose threshold search then
+# waits in an all-reduce rank 0 never joins. Their mean 1.0, 1.05, 1.1, 0.2, 0.3 (pwe=2): prune at call 3
+RANK_LOSSES = ([1.0, 0.9, 0.8, 0.1, 0.2], [1.0, 1.2, 1.4, 0.3, 0.4])
+PLATEAU_PRUNE_CALLS = [3]
+
+
+def _plateau_worker(rank: int, port: int, out_dir: str, mutant: bool) -> None:
+    try:
+        torch.set_num_threads(1)
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(port)
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
+        try:
+            _, _, xv, yv = _data()
+            gm = lobster_fx.instrument(_model())  # same init on both ranks
+            # the default (sync_distributed=True); the mutant decides from the local loss
+            kwargs = {"sync_distributed": False} if mutant else {}
+            pruner = lobster_fx.PlateauPruner(gm, _evaluate_on(xv, yv), twt=TWT, pwe=2, **kwargs)
+            pruned_at = [call for call, v in enumerate(RANK_LOSSES[rank], 1) if pruner.step(v) is not None]
+            torch.save(
+                {
+                    "pruned_at": pruned_at,
+                    "best": pruner.best,
+                    "history": pruner.history,
+                    "masks": {k: v.clone() for k, v in lobster_fx.masks(gm).items()},
+                },
+                os.path.join(out_dir, f"rank{rank}.pt"),
+            )
+        finally:
+            torch.distributed.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def test_plateau_decisions_agree_across_ranks(tmp_path):
+    """Regression: step() decided from each rank's own loss; the rank that pruned hung."""
+    r0, r1 = _run_ddp(str(tmp_path), target=_plateau_worker)
+    assert r0["pruned_at"] == r1["pruned_at"] == PLATEAU_PRUNE_CALLS
+    assert r0["history"] == r1["history"] and r0["history"][0]["pruned"] > 0
+    assert r0["best"] == r1["best"]
+    for k, m in r0["masks"].items():
+        assert torch.equal(m, r1["masks"][k]), k
+
+
+def test_plateau_without_sync_decides_per_rank():
+    """sync_distributed=False is the old per-rank decision (no process group needed to see it)."""
+    decisions = []
+    for losses in RANK_LOSSES:
+        _, _, xv, yv = _data()
+        pruner = lobster_fx.PlateauPruner(lobster_fx.instrument(_model()), _evaluate_on(xv, yv), twt=TWT, pwe=2,
+                                          sync_distributed=False)
+        decisions.append([call for call, v in enumerate(losses, 1) if pruner.step(v) is not None])
+    assert decisions[0] != decisions[1]  # what the ranks would do without the average
