@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import onnxruntime as ort
 import pytest
@@ -13,6 +15,23 @@ from torch import nn
 
 from lobster_fx.bench import BenchReport, benchmark
 from lobster_fx.export import export_onnx
+
+# benchmark() runs each model in a fresh `sys.executable` worker that unpickles lobster_fx objects:
+# it must import this checkout's lobster_fx, not another installed copy
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _children_import_this_checkout():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(CHECKOUT), os.environ.get("PYTHONPATH")) if p))
+        yield
+
+
+def test_children_import_this_checkout():
+    out = subprocess.run([sys.executable, "-c", "import lobster_fx; print(lobster_fx.__file__)"],
+                         capture_output=True, text=True, check=True, cwd="/")
+    assert Path(out.stdout.strip()).resolve().is_relative_to(CHECKOUT)
 
 
 def _export(model: nn.Module, path: str, in_features: int) -> str:
@@ -109,7 +128,6 @@ def test_worker_error_is_reported(tiny_models):
         benchmark({"small": tiny_models["small"]}, input_shape=(5,), batch_sizes=(1,), repeats=1, rounds=1)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lobster_fx.sparse") is None, reason="lobster_fx.sparse not written yet")
 def test_csr_graph_module_in_same_run(tiny_models):
     """A GraphModule whose code runs but does not re-trace (CSR linear) still
     travels to its worker (plain torch.load would re-trace it and fail)."""
