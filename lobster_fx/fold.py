@@ -26,7 +26,13 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.nn.utils import parametrize
 
-from lobster_fx.instrument import _resolve, lobster_info, masked_parameters, unwrap
+from lobster_fx.instrument import (
+    _Mask,
+    _resolve,
+    lobster_info,
+    masked_parameters,
+    unwrap,
+)
 from lobster_fx.trace import LobsterGraphModule
 
 __all__ = ["fold"]
@@ -76,15 +82,16 @@ def fold(gm: nn.Module) -> GraphModule:
                     mul.replace_all_uses_with(weight)
                     graph.erase_node(mul)
                 graph.erase_node(node)
+    # every mask parametrization: the module route's, and those of tied uses (also_masked_in).
+    # leave_parametrized sets the masked value into the same Parameter object: ties survive
+    for module in list(folded.modules()):
+        if not parametrize.is_parametrized(module):
+            continue
+        for attr in [a for a, plist in module.parametrizations.items() if any(isinstance(f, _Mask) for f in plist)]:
+            parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
     for module in folded.modules():
         for name in [n for n, b in module._buffers.items() if b is not None and id(b) in graph_masks]:
             del module._buffers[name]
-    for entry in info.params.values():
-        if entry.route == "module":
-            # param_path is "<owner>.parametrizations.<attr>.original"
-            owner_path, _, rest = ("." + entry.param_path).rpartition(".parametrizations.")
-            owner = folded.get_submodule(owner_path.lstrip("."))
-            parametrize.remove_parametrizations(owner, rest.split(".")[0], leave_parametrized=True)
     for sub in folded.modules():
         if isinstance(sub, LobsterGraphModule):
             sub.recompile_all()

@@ -91,6 +91,9 @@ class MaskedParam:
     owner: str  #: qualified name of the owning module in the original model
     route: str  #: "graph" (mask node in a traced graph) or "module" (parametrization)
     shape: tuple[int, ...] = ()
+    #: other modules (paths in the instrumented module) whose own code uses the parameter
+    #: (tied weights): masked there with a parametrization sharing the same mask
+    also_masked_in: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -104,7 +107,8 @@ class InstrumentSummary:
     def __str__(self) -> str:
         rows = [f"{'parameter':40s} {'route':6s} {'shape'}"]
         for p in self.params.values():
-            rows.append(f"{p.name:40s} {p.route:6s} {tuple(p.shape)}")
+            tied = f"  (also masked in {', '.join(p.also_masked_in)})" if p.also_masked_in else ""
+            rows.append(f"{p.name:40s} {p.route:6s} {tuple(p.shape)}{tied}")
         for name, why in self.skipped.items():
             rows.append(f"{name:40s} {'-':6s} not masked: {why}")
         n_graph = sum(p.route == "graph" for p in self.params.values())
@@ -313,10 +317,14 @@ def instrument(model: nn.Module, *, filter_fn: FilterFn | None = None) -> Lobste
             f"{sum(1 for _ in model.parameters())} parameters, or none requires grad)"
         )
 
-    traced = trace_model(model)
+    # trace a copy sharing the tensors: FX stores trace-time constants (``_tensor_constant0``)
+    # on the module it traces, and code run while tracing may set attributes (EVA-02: 96 new
+    # attributes on the original). Buffers written while tracing are put back (trace.py)
+    work = _shallow_copy_module(model)
+    traced = trace_model(work)
     gm = traced.module
     summary = InstrumentSummary(trace=traced.summary)
-    original_ids = {id(m) for m in model.modules()}
+    original_ids = {id(m) for m in model.modules()} | {id(m) for m in work.modules()}
     mask_of: dict[int, torch.Tensor] = {}
 
     def new_mask(p: torch.Tensor) -> torch.Tensor:
@@ -366,7 +374,18 @@ def instrument(model: nn.Module, *, filter_fn: FilterFn | None = None) -> Lobste
     for pid, name in prunable.items():
         if name in summary.params:
             continue
-        _mask_at_module_level(gm, model, pid, name, owners[pid], original_ids, new_mask, summary)
+        _mask_at_module_level(gm, work, pid, name, owners[pid], original_ids, new_mask, summary)
+
+    # every other use: a masked parameter also held by a module whose own code runs (a leaf
+    # module, code that did not trace), e.g. an embedding tied to a custom head, is masked
+    # there too, with the same mask (the head saw the raw weight: a zeroed mask left it whole)
+    for pid, uses in _uses_by_running_code(gm).items():
+        if pid not in mask_of:
+            continue
+        name = prunable[pid]
+        for mod_path, attr in uses:
+            _parametrize_use(gm, mod_path, attr, mask_of[pid], name, original_ids)
+            summary.params[name].also_masked_in.append(mod_path or "<root>")
 
     for sub in gm.modules():
         if isinstance(sub, LobsterGraphModule):
@@ -383,13 +402,46 @@ def _find_param_owner(gm: nn.Module, pid: int) -> tuple[str, str] | None:
     return None
 
 
-def _mask_at_module_level(gm, model, pid, name, owner_name, original_ids, new_mask, summary) -> None:
-    found = _find_param_owner(gm, pid)
-    if found is None:
-        # parameter of a subtree the instrumented module never calls: nothing uses it
-        summary.skipped[name] = "not used by the traced forward"
-        return
-    mod_path, attr = found
+def _uses_by_running_code(gm: nn.Module) -> dict[int, list[tuple[str, str]]]:
+    """``id(param) -> [(module path, attribute)]`` for parameters held directly by a module whose
+    own Python code runs: a leaf module a graph calls, code that did not trace, and everything
+    below them (opaque code may call any child). A graph's own ``get_attr`` uses are not listed:
+    the graph route masks them. Already-parametrized attributes are not listed either."""
+    found: dict[int, list[tuple[str, str]]] = {}
+
+    def visit(mod: nn.Module, path: str, runs: bool, targets: set[str], rel: str | None) -> None:
+        if isinstance(mod, parametrize.ParametrizationList):
+            return  # the mask of a parametrized attribute: applied there
+        if rel is not None and any(rel == t or rel.startswith(t + ".") for t in targets):
+            runs = True
+        if isinstance(mod, LobsterGraphModule):
+            if not runs:
+                return  # nobody calls it: nothing inside runs
+            graphs = {id(g): g for g in mod.mode_graphs.values()}.values()
+            called = {n.target for g in graphs for n in g.nodes if n.op == "call_module"}
+            # the opaque-root wrapper calls a module it reads with get_attr (call_opaque)
+            called |= {n.target for g in graphs for n in g.nodes
+                       if n.op == "get_attr" and isinstance(_resolve(mod, n.target), nn.Module)}
+            for child_name, child in mod._modules.items():
+                if child is not None:
+                    visit(child, f"{path}.{child_name}" if path else child_name, False, called, child_name)
+            return
+        if runs:
+            for attr, p in mod._parameters.items():
+                if p is not None:
+                    found.setdefault(id(p), []).append((path, attr))
+        for child_name, child in mod._modules.items():
+            if child is not None:
+                child_rel = None if rel is None else f"{rel}.{child_name}"
+                visit(child, f"{path}.{child_name}" if path else child_name, runs, targets, child_rel)
+
+    visit(gm, "", True, set(), None)
+    return found
+
+
+def _parametrize_use(gm: nn.Module, mod_path: str, attr: str, mask: torch.Tensor, name: str,
+                     original_ids: set[int]) -> None:
+    """Mask ``mod_path.attr`` of ``gm`` with a parametrization ``w * mask``."""
     # never parametrize a module object of the original model: swap in a copy sharing its tensors
     parent: nn.Module = gm
     for part in mod_path.split(".") if mod_path else []:
@@ -399,14 +451,24 @@ def _mask_at_module_level(gm, model, pid, name, owner_name, original_ids, new_ma
             child = getattr(parent, part)
         parent = child
     owner = gm.get_submodule(mod_path)
-    p = owner._parameters[attr]
     try:
-        parametrize.register_parametrization(owner, attr, _Mask(new_mask(p)))
+        parametrize.register_parametrization(owner, attr, _Mask(mask))
     except Exception as e:  # noqa: BLE001 - re-raised with the module and parameter named
         raise ValueError(
-            f"lobster_fx.instrument: cannot mask parameter {name!r} of module {owner_name!r} "
-            f"({type(owner).__name__}): {type(e).__name__}: {e}"
+            f"lobster_fx.instrument: cannot mask parameter {name!r} where module {mod_path or '<root>'!r} "
+            f"({type(owner).__name__}) uses it as {attr!r}: {type(e).__name__}: {e}"
         ) from e
+
+
+def _mask_at_module_level(gm, model, pid, name, owner_name, original_ids, new_mask, summary) -> None:
+    found = _find_param_owner(gm, pid)
+    if found is None:
+        # parameter of a subtree the instrumented module never calls: nothing uses it
+        summary.skipped[name] = "not used by the traced forward"
+        return
+    mod_path, attr = found
+    p = gm.get_submodule(mod_path)._parameters[attr]
+    _parametrize_use(gm, mod_path, attr, new_mask(p), name, original_ids)
     base = f"{mod_path}.parametrizations.{attr}" if mod_path else f"parametrizations.{attr}"
     summary.params[name] = MaskedParam(
         name, f"{base}.original", f"{base}.0.mask", owner_name, "module", tuple(p.shape)

@@ -507,3 +507,87 @@ def test_all_ones_cache_forgets_dead_masks():
     del mask
     gc.collect()
     assert key not in _MASK_FACTS
+
+
+def _module_state(model):
+    """Every module's attributes, buffers, parameters and children, and the tensor values."""
+    layout = {
+        name: (sorted(vars(m)), sorted(m._buffers), sorted(m._parameters), sorted(m._modules))
+        for name, m in model.named_modules()
+    }
+    return layout, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_original_model_left_exactly_as_it_was():
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            self.last_batch = x.shape[0]  # an attribute set while running
+            return self.fc(x) * torch.tensor([2.0, 1.0, 1.0, 1.0])  # a trace-time constant
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = Head()
+            self.bn = nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return self.bn(self.head(x))
+
+    model = Net()
+    layout, values = _module_state(model)
+    gm = lobster_fx.instrument(model)
+    layout_after, values_after = _module_state(model)
+    # before: FX stored _tensor_constant0/1 on the traced original, and forward's attribute stuck
+    assert layout_after == layout
+    assert values_after.keys() == values.keys() and all(torch.equal(values[k], values_after[k]) for k in values)
+    x = torch.randn(3, 4)
+    assert torch.equal(gm(x), model(x))
+    assert gm.get_parameter("head.fc.weight") is model.head.fc.weight  # still shares the tensors
+
+
+class _TiedHead(nn.Module):
+    """Uses a weight tied to an embedding, in code that does not trace."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, h):
+        if h.sum() > -1e9:  # data-dependent branch: opaque to FX
+            return h @ self.weight.t()
+        return h
+
+
+class _TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.head = _TiedHead(self.emb.weight)
+
+    def forward(self, idx):
+        return self.head(self.emb(idx))
+
+
+def test_tied_weight_is_masked_in_untraceable_code_too():
+    torch.manual_seed(0)
+    model = _TiedLM()
+    gm = lobster_fx.instrument(model)
+    idx = torch.tensor([[1, 2, 3]])
+    assert torch.equal(gm(idx), model(idx))
+    entry = gm.meta["lobster"].params["emb.weight"]
+    assert entry.also_masked_in and "also masked in" in str(gm.meta["lobster"])
+    mask = lobster_fx.masks(gm)["emb.weight"]
+    mask[:, 1:] = 0  # keep feature 0 only, on every use
+    w0 = model.emb.weight.detach().clone()
+    w0[:, 1:] = 0
+    expected = w0[idx] @ w0.t()
+    assert torch.allclose(gm(idx), expected)  # before: the head still used the raw weight
+    mask.zero_()
+    assert gm(idx).abs().max() == 0
+    folded = lobster_fx.fold(gm)
+    assert folded(idx).abs().max() == 0
+    assert not any(k.endswith("mask") for k in folded.state_dict())
