@@ -20,9 +20,11 @@ import math
 import os
 import tempfile
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +37,7 @@ from lobster_fx.report import sparsity_report
 from lobster_fx.rule import Lobster
 from lobster_fx.schedule import PlateauPruner
 
-__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "load_splits", "build_model", "atomic_save"]
+__all__ = ["TrainConfig", "TrainResult", "atomic_save", "build_model", "evaluate", "load_splits", "train"]
 
 
 @dataclass
@@ -137,6 +139,36 @@ def _atomic_write_text(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _rng_states() -> dict[str, Any]:
+    """The global generators training draws from (dropout, random augmentations), as plain tensors.
+
+    CUDA's are saved only once CUDA is initialized: reading them would otherwise start a CUDA
+    context in a CPU run, and until then they still hold the seed the resumed run sets as well.
+    """
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return {
+        "torch_rng_state": torch.get_rng_state(),
+        "cuda_rng_states": torch.cuda.get_rng_state_all() if cuda else [],
+    }
+
+
+def _set_rng_states(state: dict[str, Any]) -> None:
+    if "torch_rng_state" not in state:  # a checkpoint from before the RNG was saved
+        warnings.warn("checkpoint has no torch RNG state: dropout and other random layers will not "
+                      "resume exactly as the uninterrupted run", stacklevel=3)
+        return
+    torch.set_rng_state(state["torch_rng_state"])
+    cuda_states = state.get("cuda_rng_states") or []
+    if not cuda_states:
+        return
+    if not torch.cuda.is_available() or len(cuda_states) != torch.cuda.device_count():
+        warnings.warn(f"checkpoint holds {len(cuda_states)} CUDA RNG states but this machine has "
+                      f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} CUDA devices: "
+                      "their random draws will not resume exactly", stacklevel=3)
+        return
+    torch.cuda.set_rng_state_all(cuda_states)
+
+
 def train(
     config: TrainConfig,
     *,
@@ -147,7 +179,8 @@ def train(
 
     With ``out_dir`` set, a checkpoint is written atomically after every epoch
     and, with ``resume``, an existing one is continued from (the trajectory is
-    the same as an uninterrupted run).
+    the same as an uninterrupted run: the checkpoint holds the shuffling
+    generator and the global torch and CUDA RNG states, which dropout draws from).
     """
     start = time.perf_counter()
     if config.threads is not None:
@@ -167,6 +200,7 @@ def train(
     pruner = PlateauPruner(
         gm, val_loss, twt=config.twt, pwe=config.pwe, rollback=config.rollback,
         threshold=config.plateau_threshold, reuse_val_loss=True, search_precision=config.search_precision,
+        optimizer=opt,  # rollback also discards the momentum of the discarded epochs
     )
     gen = torch.Generator().manual_seed(config.seed)
     log: list[dict[str, Any]] = []
@@ -176,12 +210,13 @@ def train(
     if out:
         out.mkdir(parents=True, exist_ok=True)
     if ckpt is not None and resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)  # tensors, numbers, strings: no code runs on load
         gm.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         rule.load_state_dict(state["rule"])
         pruner.load_state_dict(state["pruner"])
         gen.set_state(state["generator"])
+        _set_rng_states(state)  # last: nothing after it draws before the first resumed epoch
         log, epoch0, elapsed0, cycle_epoch = state["log"], state["epoch"], state["elapsed"], state["cycle_epoch"]
 
     bar = None
@@ -241,6 +276,7 @@ def train(
                     "config": config.to_dict(), "model": gm.state_dict(), "optimizer": opt.state_dict(),
                     "rule": rule.state_dict(), "pruner": pruner.state_dict(), "generator": gen.get_state(),
                     "log": log, "epoch": epoch + 1, "elapsed": elapsed, "cycle_epoch": cycle_epoch,
+                    **_rng_states(),
                 },
                 ckpt,
             )

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 WORKER = Path(__file__).with_name("_resume_worker.py")
+ROOT = Path(__file__).resolve().parent.parent  # the checkout root
 # prunings at epochs 5 and 8 (0-based); the pruner state decides epoch 8 and the
 # generator state the shuffle of epoch 9, which trains (a pruning epoch with
 # rollback discards its own training, so the last epoch must not prune)
@@ -28,8 +29,15 @@ EPOCHS, CHECKPOINT_EPOCH = 10, 8
 TIMEOUT_S = 120
 
 
+def _worker_env() -> dict[str, str]:
+    # the worker runs as a script (sys.path[0] is tests/): put this checkout first, so that it
+    # imports the lobster_fx under test, not another copy the environment may have installed
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=path)
+
+
 def _start(*args: str) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env = _worker_env()
     return subprocess.Popen(
         [sys.executable, str(WORKER), *args],
         stdout=subprocess.PIPE,
@@ -123,3 +131,13 @@ def test_pruned_entries_are_exactly_zero(runs):
 def test_incomplete_resume_differs(runs, variant):
     """The comparison can fail: leaving out part of the checkpoint changes the outcome."""
     assert not _identical(runs["full"]["state"], runs[variant]["state"])
+
+
+
+def test_worker_imports_this_checkout():
+    """The workers import the lobster_fx under test (the checkout), whatever else is installed."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import lobster_fx, pathlib; print(pathlib.Path(lobster_fx.__file__).resolve())"],
+        cwd=WORKER.parent, env=_worker_env(), capture_output=True, text=True, check=True,
+    )
+    assert Path(probe.stdout.strip()).is_relative_to(ROOT)

@@ -57,3 +57,43 @@ def test_fused_rule_option_reaches_lobster_and_trains_like_the_eager_rule(monkey
         assert made[-1].fused is fused and made[-1].steps > 0
     for eager, fused in zip(logs[False], logs[True]):  # same arithmetic, to float rounding
         assert math.isclose(eager["val_loss"], fused["val_loss"], rel_tol=1e-5)
+
+
+def _mlp_with_dropout(config, splits):
+    """A model whose training draws from the global torch RNG (dropout masks)."""
+    in_features = math.prod(splits.train.x.shape[1:])
+    classes = int(splits.train.y.max()) + 1
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_features, 32), torch.nn.ReLU(),
+                               torch.nn.Dropout(0.5), torch.nn.Linear(32, classes))
+
+
+def test_resume_with_dropout_equals_uninterrupted(tmp_path, monkeypatch):
+    """Regression: the global RNG was not checkpointed, so the resumed run drew other dropout masks."""
+    import lobster_fx.train as train_module
+
+    monkeypatch.setattr(train_module, "build_model", _mlp_with_dropout)
+    epochs, stop = 5, 3
+
+    def config(out: str, n: int) -> TrainConfig:
+        # plateaus at epochs 3, 4, 5: prunings on both sides of the checkpoint. No rollback, which would
+        # discard a pruning epoch's training and with it the dropout draws this test is about
+        return TrainConfig(model="mlp-dropout", dataset="digits", epochs=n, batch_size=64, lr=0.05, momentum=0.9,
+                           lmbda=1e-3, pwe=1, plateau_threshold=0.5, rollback=False, progress=False, threads=1,
+                           out_dir=str(tmp_path / out))
+
+    full = train(config("full", epochs))
+    train(config("parts", stop))
+    checkpoint = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)  # plain types only
+    assert checkpoint["epoch"] == stop and checkpoint["torch_rng_state"].dtype == torch.uint8
+    resumed = train(config("parts", epochs))
+    assert len(resumed.log) == epochs
+    assert any(e["pruned"] for e in full.log[:stop]) and any(e["pruned"] for e in full.log[stop:])
+
+    def comparable(log):
+        return [{k: v for k, v in e.items() if k != "epoch_seconds"} for e in log]
+
+    assert comparable(resumed.log) == comparable(full.log)
+    full_state, resumed_state = full.gm.state_dict(), resumed.gm.state_dict()
+    assert full_state.keys() == resumed_state.keys()
+    for k, v in full_state.items():
+        assert torch.equal(resumed_state[k], v), k  # bit for bit
