@@ -172,6 +172,10 @@ def _forget_mask(key: int, ref: weakref.ref) -> None:
         del _MASK_FACTS[key]
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _mask_facts(mask: torch.Tensor) -> tuple[bool, bool] | None:
     """``(every entry is 1, some entry is 0)`` for ``mask``, or None where it cannot be told cheaply.
 
@@ -185,6 +189,12 @@ def _mask_facts(mask: torch.Tensor) -> tuple[bool, bool] | None:
     """
     # first: dynamo must not trace the checks below (is_inference() is a graph break)
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
+        return None
+    if _distributed():
+        # DDP broadcasts rank 0's buffers, masks included, into the other ranks at every
+        # forward without bumping their versions: a cached "all ones" would run those ranks
+        # unmasked and unpinned while rank 0 masks. Under torch.distributed every forward
+        # multiplies and every step pins, so each rank honours the mask it holds
         return None
     if type(mask) is not torch.Tensor or mask.layout is not torch.strided or mask.is_inference():
         return None
