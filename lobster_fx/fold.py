@@ -96,5 +96,8 @@ def fold(gm: nn.Module) -> GraphModule:
         if isinstance(sub, LobsterGraphModule):
             sub.recompile_all()
     del folded.meta["lobster"]
-    folded.meta["lobster_folded"] = {"params": sorted(info.params)}
+    # where each prunable parameter now lives (a parametrized one is back at its owner)
+    paths = {name: e.param_path.replace(".parametrizations.", ".").removesuffix(".original").removeprefix("parametrizations.")
+             for name, e in info.params.items()}
+    folded.meta["lobster_folded"] = {"params": sorted(info.params), "param_paths": paths}
     return folded

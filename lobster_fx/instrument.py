@@ -27,7 +27,6 @@ Example::
 
 from __future__ import annotations
 
-import builtins
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -39,6 +38,7 @@ from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch._C._functorch import is_functorch_wrapped_tensor as _is_functorch_wrapped
 
+from lobster_fx.prunable import _is_metadata, default_filter, is_norm, multiplies_inputs
 from lobster_fx.trace import LobsterGraphModule, TraceSummary, _shallow_copy_module, trace_model
 
 __all__ = [
@@ -57,28 +57,7 @@ __all__ = [
 
 FilterFn = Callable[[nn.Module, str], bool]
 
-#: leaf modules whose own parameters are used inside them (module route)
-_NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.LocalResponseNorm,
-) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-
-#: call_method names that only read metadata of a tensor
-_METADATA_METHODS = {"size", "dim", "numel", "type", "get_device", "is_floating_point", "is_contiguous", "stride"}
-
-
-def default_filter(module: nn.Module, fqn: str) -> bool:
-    """Default prunable set: every parameter except normalisation affine ones.
-
-    ``module`` is the module that owns the parameter, ``fqn`` the parameter's
-    fully qualified name. Norm layers are recognised by type, and by class name
-    for third-party norms (``LlamaRMSNorm``, timm's ``LayerNorm2d``...).
-    """
-    if isinstance(module, _NORM_TYPES):
-        return False
-    return "norm" not in type(module).__name__.lower()
+FilterFn = Callable[[nn.Module, str], bool]
 
 
 @dataclass
@@ -276,12 +255,6 @@ class _Mask(nn.Module):
         return masked_weight(w, self.mask)
 
 
-def _is_metadata_use(user: Node) -> bool:
-    if user.op == "call_function" and user.target is builtins.getattr:
-        return True
-    return user.op == "call_method" and user.target in _METADATA_METHODS
-
-
 def _resolve(root: nn.Module, target: str) -> object:
     obj: object = root
     for part in target.split("."):
@@ -312,20 +285,27 @@ def instrument(model: nn.Module, *, filter_fn: FilterFn | None = None) -> Lobste
         raise TypeError(f"lobster_fx.instrument expects a torch.nn.Module, got {type(model).__name__}")
     if isinstance(unwrap(model), GraphModule) and "lobster" in getattr(unwrap(model), "meta", {}):
         raise ValueError("model is already instrumented by lobster_fx (call instrument on the original model)")
-    filter_fn = filter_fn or default_filter
     modules = dict(model.named_modules())
     prunable: dict[int, str] = {}  # id(param) -> original fqn (first name of a tied parameter)
     owners: dict[int, str] = {}
+    skipped: dict[str, str] = {}
+    undecided: dict[int, str] = {}  # raw parameters: the default decides from the traced graph
     for fqn, p in model.named_parameters():
         owner_name = fqn.rpartition(".")[0]
-        if filter_fn(modules[owner_name], fqn) and p.requires_grad:
+        owners[id(p)] = owner_name
+        if not p.requires_grad:
+            skipped[fqn] = "does not require grad"
+        elif filter_fn is not None:
+            if filter_fn(modules[owner_name], fqn):
+                prunable[id(p)] = fqn
+            else:
+                skipped[fqn] = "rejected by filter_fn"
+        elif default_filter(modules[owner_name], fqn):
             prunable[id(p)] = fqn
-            owners[id(p)] = owner_name
-    if not prunable:
-        raise ValueError(
-            f"{type(model).__name__} has no prunable parameters (filter_fn rejected all "
-            f"{sum(1 for _ in model.parameters())} parameters, or none requires grad)"
-        )
+        elif is_norm(modules[owner_name]):
+            skipped[fqn] = "normalisation parameter (its zero is not 'no connection'); filter_fn opts it in"
+        else:
+            undecided[id(p)] = fqn
 
     # trace a copy sharing the tensors: FX stores trace-time constants (``_tensor_constant0``)
     # on the module it traces, and code run while tracing may set attributes (EVA-02: 96 new
@@ -336,6 +316,23 @@ def instrument(model: nn.Module, *, filter_fn: FilterFn | None = None) -> Lobste
     summary = InstrumentSummary(trace=traced.summary)
     original_ids = {id(m) for m in model.modules()} | {id(m) for m in work.modules()}
     mask_of: dict[int, torch.Tensor] = {}
+
+    # default for raw parameters: prunable iff every traced use multiplies inputs
+    uses = _graph_uses(gm, set(undecided))
+    for pid, fqn in undecided.items():
+        if pid not in uses:
+            skipped[fqn] = ("used only by code that does not trace (cannot tell that it multiplies inputs); "
+                            "filter_fn opts it in")
+        elif multiplies_inputs(uses[pid]):
+            prunable[pid] = fqn
+        else:
+            skipped[fqn] = "not the weight of a linear/conv/matmul op (its zero is not 'no connection'); filter_fn opts it in"
+    summary.skipped.update(skipped)
+    if not prunable:
+        raise ValueError(
+            f"{type(model).__name__} has no prunable parameters (of {len(owners)} parameters, none is the weight "
+            "of a linear/conv/embedding/matmul op, or filter_fn rejected all, or none requires grad)"
+        )
 
     def new_mask(p: torch.Tensor) -> torch.Tensor:
         if id(p) not in mask_of:
@@ -366,7 +363,7 @@ def instrument(model: nn.Module, *, filter_fn: FilterFn | None = None) -> Lobste
                     container.register_buffer(mask_attr, mask)
                 name = prunable[id(p)]
                 mask_target = f"{container_path}.{mask_attr}" if container_path else mask_attr
-                users = [u for u in node.users if not _is_metadata_use(u)]
+                users = [u for u in node.users if not _is_metadata(u)]
                 if users:
                     with graph.inserting_after(node):
                         mask_node = graph.get_attr(mask_target)
@@ -402,6 +399,21 @@ def instrument(model: nn.Module, *, filter_fn: FilterFn | None = None) -> Lobste
             sub.recompile_all()
     gm.meta["lobster"] = summary
     return gm
+
+
+def _graph_uses(gm: nn.Module, ids: set[int]) -> dict[int, list[tuple[torch.fx.Graph, Node]]]:
+    """``id(param) -> [(graph, get_attr node)]`` over every traced (sub)graph, for ``ids``."""
+    found: dict[int, list[tuple[torch.fx.Graph, Node]]] = {}
+    if not ids:
+        return found
+    for sub in gm.modules():
+        if not isinstance(sub, LobsterGraphModule):
+            continue
+        for graph in {id(g): g for g in sub.mode_graphs.values()}.values():
+            for node in graph.nodes:
+                if node.op == "get_attr" and id(p := _resolve(sub, node.target)) in ids and isinstance(p, nn.Parameter):
+                    found.setdefault(id(p), []).append((graph, node))
+    return found
 
 
 def _find_param_owner(gm: nn.Module, pid: int) -> tuple[str, str] | None:

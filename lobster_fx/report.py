@@ -96,9 +96,16 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
             c[1] += int(torch.count_nonzero(p * mask))
     else:
         modules = dict(model.named_modules())
+        # a folded (or slimmed) model knows which of its parameters were prunable; a
+        # GraphModule's weight holders are plain Modules, which default_filter cannot tell
+        folded = getattr(model, "meta", None) or {}
+        folded_paths = set(folded.get("lobster_folded", {}).get("param_paths", {}).values()) or None
         for fqn, p in model.named_parameters():
             owner = fqn.rpartition(".")[0]
-            if not default_filter(modules[owner], fqn):
+            if folded_paths is not None:
+                if fqn not in folded_paths:
+                    continue
+            elif not default_filter(modules[owner], fqn):
                 continue
             c = counts.setdefault(owner or "<root>", [0, 0])
             c[0] += p.numel()

@@ -138,7 +138,11 @@ class _Outer(nn.Module):
 def test_untraceable_submodule_falls_back_and_masks_everything():
     torch.manual_seed(0)
     model = _Outer()
-    gm = lobster_fx.instrument(model)
+    # by default a raw parameter used only in code that does not trace is not pruned (nothing
+    # tells that its zero means "no connection"); the summary says why
+    default = lobster_fx.instrument(model).meta["lobster"]
+    assert "block.scale" not in default.params and "does not trace" in default.skipped["block.scale"]
+    gm = lobster_fx.instrument(model, filter_fn=lambda module, fqn: True)
     info = gm.meta["lobster"]
     assert set(lobster_fx.masks(gm)) == {"block.inner.weight", "block.inner.bias", "block.scale", "head.weight", "head.bias"}
     assert info.params["block.scale"].route == "module"
@@ -591,3 +595,41 @@ def test_tied_weight_is_masked_in_untraceable_code_too():
     folded = lobster_fx.fold(gm)
     assert folded(idx).abs().max() == 0
     assert not any(k.endswith("mask") for k in folded.state_dict())
+
+
+class _RawWeights(nn.Module):
+    """Raw parameters: one multiplies inputs (through ``.T``), the others do not."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Parameter(torch.randn(4, 4))
+        self.logit_scale = nn.Parameter(torch.tensor(2.0))  # CLIP-like: zero is not "no connection"
+        self.A_log = nn.Parameter(torch.zeros(4))  # Mamba-like: zero sets A = -1
+        self.fc = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, x):
+        h = x @ self.proj.T
+        return self.norm(self.fc(h) * -torch.exp(self.A_log)) * self.logit_scale.exp()
+
+
+def test_default_prunes_only_weights_that_multiply_inputs():
+    torch.manual_seed(0)
+    model = _RawWeights()
+    gm = lobster_fx.instrument(model)
+    info = gm.meta["lobster"]
+    assert set(info.params) == {"proj", "fc.weight", "fc.bias"}
+    for name in ("logit_scale", "A_log"):
+        assert "not the weight of a linear/conv/matmul op" in info.skipped[name], name
+    assert "normalisation" in info.skipped["norm.weight"]
+    assert "A_log" in str(info)  # listed in the printed summary
+    x = torch.randn(3, 4)
+    assert torch.equal(gm(x), model(x))
+    # the use through .T is masked (a getattr of "T" was once taken for a metadata read)
+    lobster_fx.masks(gm)["proj"].zero_()
+    with torch.no_grad():
+        expected = model.norm(model.fc(torch.zeros(3, 4)) * -torch.exp(model.A_log)) * model.logit_scale.exp()
+    torch.testing.assert_close(gm(x), expected, rtol=0, atol=0)
+    # filter_fn opts the others in
+    everything = lobster_fx.instrument(model, filter_fn=lambda module, fqn: True)
+    assert {"logit_scale", "A_log", "norm.weight"} <= set(everything.meta["lobster"].params)
