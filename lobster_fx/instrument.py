@@ -39,7 +39,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch._C._functorch import is_functorch_wrapped_tensor as _is_functorch_wrapped
 
 from lobster_fx.prunable import _is_metadata, default_filter, is_norm, multiplies_inputs
-from lobster_fx.trace import LobsterGraphModule, TraceSummary, _shallow_copy_module, trace_model
+from lobster_fx.trace import LobsterGraphModule, TraceSummary, _shallow_copy_module, external_key, trace_model
 
 __all__ = [
     "instrument",
@@ -398,7 +398,24 @@ def instrument(model: nn.Module, *, filter_fn: FilterFn | None = None) -> Lobste
         if isinstance(sub, LobsterGraphModule):
             sub.recompile_all()
     gm.meta["lobster"] = summary
+    _use_original_keys(gm, "opaque." if traced.summary.opaque and "" in traced.summary.opaque else "")
     return gm
+
+
+def _use_original_keys(gm: LobsterGraphModule, strip: str) -> None:
+    """``gm.state_dict()`` / ``load_state_dict`` speak the original model's key names (no
+    ``opaque.`` prefix, no ``parametrizations.<w>.original``), so a checkpoint of the original
+    loads strictly into ``gm`` (its masks stay as they are) and ``gm``'s weights load into the
+    original with ``strict=False`` (the ``*_mask`` keys are extra). Left as they are, with a
+    note in the summary, if two keys would get one name."""
+    keys = list(gm.state_dict(keep_vars=True))
+    renamed = [external_key(k, strip) for k in keys]
+    if len(set(renamed)) != len(renamed):
+        gm.meta["lobster"].skipped["<state_dict keys>"] = "kept as they are: renaming them would merge two keys"
+        return
+    masks = [external_key(e.mask_path, strip) for e in gm.meta["lobster"].params.values()]
+    masks += [external_key(e.mask_path, "") for e in gm.meta["lobster"].params.values()]
+    gm.meta["lobster_keys"] = {"strip": strip, "masks": sorted(set(masks) | {k for k in keys if k.endswith(".0.mask")})}
 
 
 def _graph_uses(gm: nn.Module, ids: set[int]) -> dict[int, list[tuple[torch.fx.Graph, Node]]]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import copy
 import inspect
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,6 +114,10 @@ class LobsterGraphModule(GraphModule):
         self._lobster_graphs = dict(graphs)
         if graphs[True] is not graphs[False]:
             self.recompile()  # GraphModule.__init__ compiled the active graph only
+        # no-ops unless meta["lobster_keys"] is set (instrument does on its result)
+        self._register_state_dict_hook(_external_keys_hook)
+        self._register_load_state_dict_pre_hook(_internal_keys_hook, with_module=True)
+        self.register_load_state_dict_post_hook(_missing_masks_hook)
 
     @property
     def mode_graphs(self) -> dict[bool, Graph]:
@@ -220,6 +225,71 @@ class LobsterGraphModule(GraphModule):
                 setattr(res, k, v)
         res.meta = copy.deepcopy(getattr(self, "meta", {}), memo)
         return res
+
+
+_PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original$")
+_PARAMETRIZED_MASK = re.compile(r"(^|\.)parametrizations\.([^.]+)\.0\.mask$")
+
+
+def external_key(key: str, strip: str) -> str:
+    """The name a state_dict key of an instrumented model has in the original model's terms:
+    without the opaque-root wrapper's ``strip`` prefix, and ``a.parametrizations.w.original``
+    as ``a.w`` (its mask ``a.parametrizations.w.0.mask`` as ``a.w_mask``, like graph-route masks).
+
+        >>> external_key("opaque.block.parametrizations.scale.0.mask", "opaque.")
+        'block.scale_mask'
+    """
+    if strip and key.startswith(strip):
+        key = key[len(strip):]
+    key = _PARAMETRIZED.sub(r"\1\2", key)
+    return _PARAMETRIZED_MASK.sub(r"\1\2_mask", key)
+
+
+def _key_options(module: nn.Module) -> dict | None:
+    meta = module.__dict__.get("meta")
+    return meta.get("lobster_keys") if isinstance(meta, dict) else None
+
+
+def _external_keys_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    options = _key_options(module)
+    if not options:
+        return
+    items = list(state_dict.items())
+    state_dict.clear()
+    for k, v in items:
+        if k.startswith(prefix):
+            k = prefix + external_key(k[len(prefix):], options["strip"])
+        state_dict[k] = v
+
+
+def _internal_keys(module: nn.Module) -> list[str]:
+    options = module.meta["lobster_keys"]
+    module.meta["lobster_keys"] = None  # this module's own names, not the renamed ones
+    try:
+        return list(module.state_dict(keep_vars=True))
+    finally:
+        module.meta["lobster_keys"] = options
+
+
+def _internal_keys_hook(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    options = _key_options(module)
+    if not options:
+        return
+    internal = {external_key(k, options["strip"]): k for k in _internal_keys(module)}
+    for k in [k for k in state_dict if k.startswith(prefix)]:
+        name = k[len(prefix):]
+        if name in internal and internal[name] != name and prefix + internal[name] not in state_dict:
+            state_dict[prefix + internal[name]] = state_dict.pop(k)
+
+
+def _missing_masks_hook(module: nn.Module, incompatible: Any) -> None:
+    # a checkpoint of the original model has no masks: its weights load, the masks stay
+    options = _key_options(module)
+    if not options:
+        return
+    masks = set(options.get("masks", ()))
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys
+                                    if not any(k == m or k.endswith("." + m) for m in masks)]
 
 
 def _rebuild_lobster_graph_module(
