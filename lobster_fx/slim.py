@@ -612,7 +612,10 @@ class _Analysis:
             out = None
         if out is _UNKNOWN:
             if ins:
-                raise _Unsupported(f"unsupported op {n.op} {n.target}")
+                what = f"{n.op} {n.target}"
+                if n.op == "call_module":  # the class says more than the name (a subclass, a library's layer)
+                    what += f" ({type(self.gm.get_submodule(n.target)).__name__})"
+                raise _Unsupported(f"unsupported op {what}")
             return None, "other"
         return out, "channelwise" if out is not None else "other"
 
@@ -675,6 +678,8 @@ class _Analysis:
 
     def _visit_module(self, n: Node) -> _Layout | None:
         mod = self.gm.get_submodule(n.target)
+        if not _has_torch_forward(mod):
+            return _UNKNOWN  # an isinstance match below would be a base class that does not run
         x = n.args[0] if n.args else None
         rest = list(n.args[1:]) + list(n.kwargs.values())
         if isinstance(mod, _UNARY_MODULES):
@@ -1001,6 +1006,19 @@ class _UnknownType:
 
 
 _UNKNOWN: Any = _UnknownType()
+
+
+def _has_torch_forward(mod: nn.Module) -> bool:
+    """Whether ``mod`` runs the ``forward`` of a torch.nn class (its own class's, or one it
+    inherits unchanged, e.g. BatchNorm2d's from _BatchNorm, SyncBatchNorm's own).
+
+    A subclass that overrides ``forward`` (timm's BatchNormAct2d: BatchNorm2d, then an
+    activation and drop; anything with extra per-channel state) computes something else than
+    its base class, so the rules for the base class do not apply to it."""
+    if "forward" in vars(mod):  # an instance attribute replaces the class's forward
+        return False
+    owner = next((c for c in type(mod).__mro__ if "forward" in vars(c)), None)
+    return owner is not None and owner.__module__.startswith("torch.nn.")
 
 
 def _all_zero(p: Any) -> bool:

@@ -592,3 +592,75 @@ def test_channel_multiple_resnet18() -> None:
     assert exact.report.params_after < rep.params_after < rep.params_before
     _assert_parity(gm, model, torch.randn(2, 3, 32, 32, generator=gen))
     _assert_unchanged(model, snap)
+
+
+# --------------------------------------------------------------------------- norm layers of other libraries
+
+
+class _BatchNormReLU2d(nn.BatchNorm2d):
+    """BatchNorm2d and then a ReLU in one forward, as timm's BatchNormAct2d: the tracer keeps
+    it a leaf module (it updates its own buffers in train mode)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training or not self.track_running_stats, self.momentum, self.eps)
+        return F.relu(y)
+
+
+class _BatchNormGate2d(_BatchNormReLU2d):
+    """... followed by a gate over the channels (their mean): not channelwise any more."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y * torch.sigmoid(y.mean(1, keepdim=True))
+
+
+def _conv_norm_net(norm: nn.Module) -> nn.Sequential:
+    gen = torch.Generator().manual_seed(3)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), norm, nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16),
+                      nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    _randomise_bn(m, gen)
+    with torch.no_grad():
+        m[0].weight[:4] = 0  # filters 0-3 are constant: norm(0) ...
+        m[0].bias[:4] = 0
+        m[1].running_mean[:4] = 0
+        m[1].bias[:2] = -1.0  # ... -1 for 0, 1 (0 after a ReLU: removable before a padded conv)
+        m[1].bias[2:4] = 1.0
+        m[2].weight[:, 4:8] = 0  # channels 4-7 feed nothing
+        m[2].weight[:8] = 0  # conv 2's filters 0-7 are constant: plain BatchNorm, folded into the Linear
+        m[2].bias[:8] = 0
+    return m
+
+
+@pytest.mark.parametrize("norm_cls", [_BatchNormReLU2d, _BatchNormGate2d], ids=["bn-relu", "bn-gate"])
+def test_batchnorm_subclass_with_its_own_forward_is_an_unknown_module(norm_cls: type) -> None:
+    # slim recognised BatchNorm by isinstance: a subclass computing more than BatchNorm had its
+    # channels removed as if it were one (bn-relu: removed, right only by luck; bn-gate: the
+    # removal changed the gate, SlimError). Now it is an unknown module: its channels are kept
+    model = _conv_norm_net(norm_cls(16))
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    snap = _snapshot(model)
+    res = slim_with_report(model, x, channel_multiple=1)
+    _assert_unchanged(model, snap)
+    gm = res.module
+    assert any(n.op == "call_module" and n.target == "1" for n in gm.graph.nodes)  # a leaf, as in the issue
+    w0, w2 = gm.get_submodule("0").weight, gm.get_submodule("2").weight
+    assert gm.get_submodule("1").num_features == 16 and w0.shape[0] == 16 and w2.shape[1] == 16
+    assert any(norm_cls.__name__ in reason for reason in res.report.frozen.values()), res.report.frozen
+    # the plain BatchNorm after it is still slimmed: conv 2's constant filters 0-7 are gone
+    assert w2.shape[0] == 8 and gm.get_submodule("3").num_features == 8
+    _assert_parity(gm, model, torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(5)))
+
+
+def test_torch_batchnorm_classes_with_their_own_forward_are_still_batchnorm() -> None:
+    # SyncBatchNorm has a forward of its own, in torch.nn: slimmed like BatchNorm2d
+    model = _conv_norm_net(nn.SyncBatchNorm(16))
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    res = slim_with_report(model, x, channel_multiple=1)
+    gm = res.module
+    # 4-7 feed nothing: removed; 0-3 are constant (-1, 1) before a padded conv: kept
+    assert gm.get_submodule("1").num_features == 12 and gm.get_submodule("0").weight.shape[0] == 12
+    assert tuple(gm.get_submodule("2").weight.shape[:2]) == (8, 12)
+    _assert_parity(gm, model, torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(5)))
