@@ -381,6 +381,21 @@ def _trace_both_modes(
     return graphs
 
 
+class BufferWriteError(RuntimeError):
+    """Tracing wrote into a buffer too large to have been copied: the model was changed."""
+
+
+#: buffers up to this many elements are copied before a trace, to be put back if written
+SNAPSHOT_MAX_NUMEL = 1 << 22
+
+
+def _named_buffer_slots(model: nn.Module):
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for attr, b in mod._buffers.items():
+            if b is not None:
+                yield mod_name, mod, attr, b
+
+
 class _BufferWriteGuard:
     """Within the block, note every buffer of ``model`` written in place, and put it back.
 
@@ -395,10 +410,11 @@ class _BufferWriteGuard:
 
     def __enter__(self) -> _BufferWriteGuard:
         self._before = []
-        for mod_name, mod in self.model.named_modules(remove_duplicate=False):
-            for attr, b in mod._buffers.items():
-                if b is not None:
-                    self._before.append((mod_name, mod, attr, b, b._version, b.detach().clone()))
+        for mod_name, mod, attr, b in _named_buffer_slots(self.model):
+            # large buffers (rotary caches, attention masks) are not copied: code that writes
+            # them while running is not a norm layer, and it gets a clear error below
+            value = b.detach().clone() if b.numel() <= SNAPSHOT_MAX_NUMEL else None
+            self._before.append((mod_name, mod, attr, b, b._version, value))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -408,6 +424,12 @@ class _BufferWriteGuard:
                 continue
             if id(b) not in seen:
                 seen.add(id(b))
+                if value is None:
+                    raise BufferWriteError(
+                        f"lobster_fx: tracing ran code that wrote into buffer {mod_name}.{attr} "
+                        f"({type(mod).__name__}, {b.numel()} elements), too large to put back; "
+                        "keep that module out of tracing (pass a model whose forward does not write it)"
+                    )
                 with torch.no_grad():
                     b.copy_(value)
             if all(o is not mod for o in self.owners):
@@ -579,6 +601,8 @@ def _trace_subtree(module: nn.Module, qual: str, summary: TraceSummary, opaque: 
         gm = LobsterGraphModule(module, graphs, class_name=type(module).__name__)
         summary.traced.append(qual)
         return gm
+    except BufferWriteError:
+        raise  # the model was changed: no fallback can hide that
     except Exception as e:  # noqa: BLE001 - any tracing failure triggers the fallback
         summary.opaque.append(qual)
         summary.errors[qual] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

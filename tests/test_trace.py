@@ -1,6 +1,7 @@
 """Tracing stage: one generated forward per mode, chosen at call time; modules that write
 into their own buffers (norm layers, whoever wrote them) stay leaves."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -105,3 +106,33 @@ def test_norm_layer_outside_torch_nn_keeps_its_buffer_semantics():
     gm.eval(), reference.eval()
     x = torch.randn(8, 3, 6, 6)
     assert torch.allclose(gm(x), reference(x), atol=1e-6)
+
+
+def test_a_large_buffer_written_while_tracing_is_a_clear_error(monkeypatch):
+    import lobster_fx.trace as trace
+
+    class Cache(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.register_buffer("cache", torch.zeros(64))
+
+        def forward(self, x):
+            self.cache.add_(1)  # writes a (here: "large") buffer every call
+            return self.fc(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Cache()
+
+        def forward(self, x):
+            return self.block(x)
+
+    monkeypatch.setattr(trace, "SNAPSHOT_MAX_NUMEL", 8)
+    model = Net()
+    with pytest.raises(trace.BufferWriteError, match="block.cache"):
+        lobster_fx.instrument(model)
+    monkeypatch.setattr(trace, "SNAPSHOT_MAX_NUMEL", 1 << 22)
+    gm = lobster_fx.instrument(Net())  # small enough: put back, and the module stays a leaf
+    assert any(n.op == "call_module" and n.target == "block" for n in gm.graph.nodes)
