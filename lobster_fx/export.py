@@ -44,11 +44,14 @@ import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+if TYPE_CHECKING:  # torch is imported where it is used: importing this module stays cheap
+    import torch
 
 __all__ = [
     "ExportError",
@@ -149,6 +152,9 @@ class ExportReport:
     checker: str  # what onnx.checker validated
     notes: list[str] = field(default_factory=list)
     data_path: str | None = None  # the external data file (models over protobuf's 2 GB limit)
+    parity_atol: float = 1e-5  # the tolerances the parity check used (given, or from the dtype)
+    parity_rtol: float = 1e-5
+    dtype: str = "float32"  # the coarsest floating dtype of the exported model's weights
 
     @property
     def ratio(self) -> float:
@@ -787,6 +793,25 @@ class DetectionParity:
         return worst
 
 
+def _numpy(t: Any) -> np.ndarray:
+    import torch
+
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()  # numpy has no bfloat16
+
+
+def _cast_floating(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast ``model``'s floating parameters, buffers and plain tensor attributes (constants a
+    graph reads with get_attr) to ``dtype``, in place."""
+    import torch
+
+    model.to(dtype)  # parameters and buffers
+    for mod in model.modules():
+        for name, value in list(vars(mod).items()):
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype:
+                setattr(mod, name, value.to(dtype))
+
+
 def _ort_parity(path: str, inputs: tuple[Any, ...], reference: list[Any], atol: float, rtol: float,
                 parity_fn: Callable[[list[np.ndarray], list[np.ndarray]], float] | None = None) -> float:
     """Run the written file in ONNX Runtime (CPU); max |ort - torch| or ExportError."""
@@ -802,15 +827,15 @@ def _ort_parity(path: str, inputs: tuple[Any, ...], reference: list[Any], atol: 
     ins = sess.get_inputs()
     if len(ins) != len(inputs):
         raise ExportError(f"the ONNX model has {len(ins)} inputs, the example has {len(inputs)}")
-    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(ins, inputs)}
+    feeds = {i.name: _numpy(t) for i, t in zip(ins, inputs)}
     outs = sess.run(None, feeds)
     if len(outs) != len(reference):
         raise ExportError(f"the ONNX model returns {len(outs)} outputs, torch returns {len(reference)}")
     if parity_fn is not None:
-        return float(parity_fn(outs, [r.detach().cpu().numpy() for r in reference]))
+        return float(parity_fn(outs, [_numpy(r) for r in reference]))
     worst = 0.0
     for k, (o, r) in enumerate(zip(outs, reference)):
-        r = r.detach().cpu().numpy()
+        r = _numpy(r)
         if o.shape != r.shape:
             raise ExportError(f"output {k}: ONNX Runtime shape {o.shape} != torch shape {r.shape}")
         if o.size:
@@ -951,10 +976,11 @@ def export_onnx(
     min_sparsity: float = 0.0,
     exporter: Literal["dynamo", "torchscript"] = "dynamo",
     strip_debug_info: bool = True,
-    atol: float = 1e-5,
-    rtol: float = 1e-5,
+    atol: float | None = None,
+    rtol: float | None = None,
     parity_fn: Callable[[list[np.ndarray], list[np.ndarray]], float] | None = None,
     external_data: bool | None = None,
+    export_dtype: torch.dtype | None = None,
 ) -> ExportReport:
     """Fold, (slim), export, sparsify, check and atomically write one ONNX file.
 
@@ -969,6 +995,21 @@ def export_onnx(
     ``|ort - torch| <= atol + rtol * max|torch|``: relative to the output's scale),
     then ``os.replace`` it onto ``path``. Any failure leaves no file behind and
     an existing ``path`` untouched.
+
+    Precision. ``atol`` / ``rtol`` default to ``None``: both follow the exported
+    model's dtype, :func:`lobster_fx.slim.default_rtol` of the coarsest floating
+    dtype among its weights and outputs (``max(1e-5, 8 * eps)``: ``1e-5`` for
+    float32, ``2**-7`` for float16); values passed explicitly are used as given.
+    ``export_dtype`` (``torch.float16`` / ``float32`` / ``float64``, default None)
+    casts the folded model's floating weights and the example inputs before
+    slimming and exporting, and parity is then checked against the cast model
+    in torch. ``None`` keeps the model's dtype, except that a model with
+    bfloat16 weights is exported as a float32 copy (exact: every bfloat16 value
+    is a float32 value), because ONNX Runtime's CPU provider has no bfloat16
+    Conv / Gemm / MatMul kernels (1.32) and could neither check nor run the
+    file; ``report.notes`` says so. float16 models are exported as float16
+    (its CPU kernels exist; where one is missing, loading fails with an
+    ExportError: pass ``export_dtype=torch.float32``).
 
     ``exporter="dynamo"`` (default, the maintained exporter) needs
     ``torch.export``-capturable code; ``"torchscript"`` (deprecated in torch)
@@ -1020,8 +1061,18 @@ def export_onnx(
         raise ValueError(f"exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if export_dtype not in (None, torch.float16, torch.float32, torch.float64):
+        raise ValueError(
+            f"export_dtype must be None, torch.float16, torch.float32 or torch.float64, got {export_dtype!r}"
+            + (" (ONNX Runtime's CPU provider has no bfloat16 kernels to check the file with)"
+               if export_dtype == torch.bfloat16 else "")
+        )
     inputs = _as_input_tuple(example_inputs)
     inputs = tuple(t.detach() for t in inputs)
+    from lobster_fx.slim import coarsest_float_dtype, default_rtol
+
+    if export_dtype is None and any(t.dtype == torch.bfloat16 for t in (*model.parameters(), *model.buffers())):
+        export_dtype = torch.float32  # ONNX Runtime (CPU) runs no bfloat16 Conv / Gemm / MatMul
 
     # ---- the caller's model is only run (in eval mode, restored after); every
     # transformation below works on a copy (fold and slim both copy)
@@ -1044,6 +1095,16 @@ def export_onnx(
             work = copy.deepcopy(model)
         folded = "lobster_folded" in (getattr(work, "meta", None) or {})
         work.eval()
+        cast_from = coarsest_float_dtype([*work.parameters(), *work.buffers()])
+        if export_dtype is not None and cast_from is not None and cast_from != export_dtype:
+            # the file is the cast model: slim it, export it and check parity against it in torch
+            _cast_floating(work, export_dtype)
+            inputs = tuple(t.to(export_dtype) if t.is_floating_point() else t for t in inputs)
+            reference = _flatten_outputs(_run_example(work, inputs))
+            notes.append(f"exported as {str(export_dtype).removeprefix('torch.')}: the "
+                         f"{str(cast_from).removeprefix('torch.')} model cast"
+                         + (" (ONNX Runtime's CPU provider has no bfloat16 kernels)" if cast_from == torch.bfloat16 else "")
+                         + "; parity checked against the cast model in torch")
 
         slimmed = False
         if slim:
@@ -1059,6 +1120,11 @@ def export_onnx(
                 raise
             slimmed = True
             work.eval()
+
+        # tolerances that follow the dtype the file computes in (None = not given)
+        exported_dtype = coarsest_float_dtype([*work.parameters(), *work.buffers(), *reference]) or torch.float32
+        atol = default_rtol(exported_dtype) if atol is None else atol
+        rtol = default_rtol(exported_dtype) if rtol is None else rtol
 
         # ---- export into memory
         proto = _torch_export(work, inputs, dynamic_batch=dynamic_batch, opset=opset, exporter=exporter)
@@ -1174,4 +1240,7 @@ def export_onnx(
         checker=checker,
         notes=notes,
         data_path=data_path,
+        parity_atol=float(atol),
+        parity_rtol=float(rtol),
+        dtype=str(exported_dtype).removeprefix("torch."),
     )

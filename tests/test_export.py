@@ -660,3 +660,120 @@ def test_export_keeps_no_copy_of_the_weights_alive(tmp_path, monkeypatch):
     export_onnx(gm, torch.randn(2, 64), tmp_path / "m.onnx", slim=False)
     gc.collect()
     assert len(copies) == 1 and copies[0]() is None
+
+
+# ------------------------------------------------------------------ half precision (issue 12, item 2)
+
+
+class _HalfNet(nn.Module):
+    """Conv + BatchNorm + Linear with dead channels: conv1 filters 0-7 feed nothing, fc1 units
+    0-11 compute a constant relu(bias) (folded into fc2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _half_net(dtype: torch.dtype) -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    m = _HalfNet()
+    with torch.no_grad():
+        for bn in (m.bn1, m.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5, generator=g)
+            bn.running_var.uniform_(0.5, 2.0, generator=g)
+            bn.weight.uniform_(0.5, 1.5, generator=g)
+            bn.bias.uniform_(-0.2, 0.2, generator=g)
+        m.conv2.weight[:, :8] = 0
+        m.fc1.weight[:12] = 0
+    return m.to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_model_folds_slims_and_exports_with_parity(tmp_path, dtype):
+    # regression: slim checked bf16 / fp16 outputs at rtol 1e-5 (SlimError: one rounding is
+    # 2**-8 / 2**-11), and ONNX Runtime could not load a bf16 file in the parity step
+    from lobster_fx.fold import fold
+    from lobster_fx.slim import slim_with_report
+
+    gm = lobster_fx.instrument(_half_net(dtype))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for mask in lobster_fx.masks(gm).values():
+            mask.copy_((torch.rand(mask.shape, generator=g) >= 0.3).to(mask.dtype))
+    x = torch.randn(4, 3, 8, 8, generator=g).to(dtype)
+    gm.eval()
+    want = gm(x).detach()
+
+    folded = fold(gm)
+    res = slim_with_report(folded, x, channel_multiple=1)  # default tolerances: follow the dtype
+    from lobster_fx.slim import default_rtol
+
+    rtol = default_rtol(dtype)
+    assert res.report.rtol == rtol > 1e-3 and res.report.atol == 0.0
+    assert 0 < res.report.max_rel_err <= rtol
+    assert res.report.params_after < res.report.params_before
+    slimmed = res.module
+    assert slimmed.get_submodule("conv1").weight.shape[0] == 8 and slimmed.get_submodule("fc1").weight.shape[0] == 20
+    assert next(slimmed.parameters()).dtype == dtype
+
+    # the slimmed model exports; so does the instrumented one (export folds and slims it itself),
+    # also unslimmed (before: ONNX Runtime could not load the bf16 file)
+    for name, model, do_slim in (("slimmed", slimmed, True), ("instrumented", gm, True), ("unslimmed", gm, False)):
+        rep = export_onnx(model, x, tmp_path / f"{name}.onnx", slim=do_slim)
+        assert rep.slimmed == do_slim and (rep.folded or name == "slimmed")
+        if dtype == torch.bfloat16:
+            # ONNX Runtime's CPU provider has no bf16 Conv / Gemm: a float32 copy, checked at float32's tolerances
+            assert rep.dtype == "float32" and rep.parity_atol == rep.parity_rtol == 1e-5
+            assert any("bfloat16" in note for note in rep.notes), rep.notes
+            feed = x.float().numpy()
+        else:
+            assert rep.dtype == "float16" and rep.parity_atol == rep.parity_rtol == rtol
+            feed = x.numpy()
+        assert rep.parity_max_abs_diff <= rep.parity_atol + rep.parity_rtol * float(want.float().abs().max())
+        onnx_model = onnx.load(rep.path)
+        want_type = onnx.TensorProto.FLOAT if dtype == torch.bfloat16 else onnx.TensorProto.FLOAT16
+        assert {i.data_type for i in onnx_model.graph.initializer if i.data_type in (1, 10, 16)} == {want_type}
+        # the file against the caller's half model: within the dtype's tolerance of its outputs
+        (out,) = _ort_run(rep.path, feed)
+        ref = want.double().numpy()
+        assert np.abs(out.astype(np.float64) - ref).max() <= rtol * np.abs(ref).max(), name
+    assert gm.training is False and next(gm.parameters()).dtype == dtype  # the caller's model is untouched
+
+
+def test_float32_tolerances_are_unchanged_and_explicit_tolerances_win(tmp_path):
+    from lobster_fx.slim import SlimError, slim_with_report
+
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    res = slim_with_report(_half_net(torch.float32), x, channel_multiple=1)
+    assert (res.report.atol, res.report.rtol) == (0.0, 1e-5)
+    rep = export_onnx(_half_net(torch.float32), x, tmp_path / "f32.onnx")
+    assert (rep.parity_atol, rep.parity_rtol, rep.dtype, rep.notes) == (1e-5, 1e-5, "float32", [])
+    # an explicit tolerance is used as given, whatever the dtype
+    with pytest.raises(SlimError, match="changed the outputs"):
+        slim_with_report(_half_net(torch.bfloat16), x.bfloat16(), rtol=1e-5, channel_multiple=1)
+    with pytest.raises(ExportError, match="differs from torch"):
+        export_onnx(_half_net(torch.float16), x.half(), tmp_path / "strict.onnx", atol=0.0, rtol=1e-6)
+    assert not (tmp_path / "strict.onnx").exists()
+
+
+def test_export_dtype_casts_and_bfloat16_is_refused(tmp_path):
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    model = _half_net(torch.float16)
+    rep = export_onnx(model, x.half(), tmp_path / "as32.onnx", export_dtype=torch.float32)
+    assert rep.dtype == "float32" and rep.parity_rtol == 1e-5
+    assert any("float16 model cast" in note for note in rep.notes), rep.notes
+    assert next(model.parameters()).dtype == torch.float16  # a copy was cast
+    with pytest.raises(ValueError, match="no bfloat16 kernels"):
+        export_onnx(_half_net(torch.float32), x, tmp_path / "bf.onnx", export_dtype=torch.bfloat16)

@@ -157,6 +157,44 @@ def test_mlp_exact_param_count_with_known_dead_units() -> None:
     _assert_unchanged(model, snap)
 
 
+def _constant_units_mlp(seed: int = 0) -> nn.Sequential:
+    """32-64-64-10 MLP whose hidden layers each have 32 constant units (zero rows, relu(bias) > 0)
+    that slim folds into the next bias: a rounding of the folded bias in any dtype."""
+    g = torch.Generator().manual_seed(seed)
+    m = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+        for layer in (m[0], m[2]):
+            layer.weight[:32] = 0
+            layer.bias[:32].uniform_(0.5, 1.0, generator=g)
+    return m.eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_model_is_slimmed_at_tolerances_that_follow_the_dtype(dtype: torch.dtype) -> None:
+    # regression: the default rtol was 1e-5 whatever the dtype, below one bf16 / fp16 rounding,
+    # so folding the constant units raised SlimError
+    gen = torch.Generator().manual_seed(100)
+    model = _constant_units_mlp().to(dtype)
+    x = torch.randn(16, 32, generator=gen).to(dtype)
+    res = slim_with_report(model, (x,))
+    rep = res.report
+    assert [tuple(res.module.get_submodule(k).weight.shape) for k in ("0", "2", "4")] == [(32, 32), (32, 32), (10, 32)]
+    assert 1e-5 < rep.max_rel_err <= rep.rtol  # above the old default, within the new one
+    from lobster_fx.slim import default_rtol
+
+    assert rep.rtol == default_rtol(dtype) == 8 * torch.finfo(dtype).eps and rep.atol == 0.0
+    with torch.no_grad():
+        xs = torch.randn(7, 32, generator=gen).to(dtype)
+        want, got = model(xs).double(), res.module(xs).double()
+    assert float((got - want).abs().max()) <= rep.rtol * float(want.abs().max())
+    # explicit tolerances are used as given
+    assert slim_with_report(model, (x,), rtol=0.5).report.rtol == 0.5
+    with pytest.raises(SlimError, match="changed the outputs"):
+        slim_with_report(model, (x,), rtol=1e-5)
+
+
 def _reference_live_units(ws: list[np.ndarray]) -> list[int]:
     """Independent fixpoint: a hidden unit dies when its row (over live inputs)
     or its column in the next layer (over live outputs) is all zero."""
