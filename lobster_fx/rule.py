@@ -39,8 +39,9 @@ bits without communicating, and a run resumed from ``state_dict()`` rounds exact
 uninterrupted one. Half parameters take this eager path even with ``fused=True`` (a
 ``torch.compile`` kernel cannot take a generator); float32 / float64 parameters keep the
 arithmetic above unchanged. Cost (``benchmarks/half_rule_cost.py``, a 2.9M-parameter MLP,
-one CPU thread): 17 ms per step in bf16 against 7.5 ms for the eager float32 rule (1.0 ms
-fused), mostly the random bits; float32 temporaries of one parameter (slice) at a time.
+one CPU thread, two runs on a shared machine): 17-24 ms per step in bf16 against 6.3-7.5 ms
+for the eager float32 rule (0.9-1.0 ms fused), mostly the random bits and page faults of the
+float32 temporaries, which exist for one parameter (slice) at a time.
 
 Example::
 
