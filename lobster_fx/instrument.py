@@ -39,7 +39,8 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch._C._functorch import is_functorch_wrapped_tensor as _is_functorch_wrapped
 
 from lobster_fx.prunable import _is_metadata, default_filter, is_norm, multiplies_inputs
-from lobster_fx.trace import LobsterGraphModule, TraceSummary, _shallow_copy_module, external_key, trace_model
+from lobster_fx.state_keys import external_key
+from lobster_fx.trace import LobsterGraphModule, TraceSummary, _shallow_copy_module, trace_model
 
 __all__ = [
     "instrument",
