@@ -53,14 +53,32 @@ def check(spec) -> dict:
     differ = [n for n, g in grads_g.items() if n in grads_p and not torch.equal(g, grads_p[n])]
     missing = [n for n in grads_p if n in dict(model.named_parameters()) and n not in grads_g
                and n in {info.name for info in gm.meta["lobster"].params.values()}]
+    # everything else by the original's key names (gm.state_dict speaks them): the gradient of
+    # every other parameter, and every buffer after the train-mode step (running statistics,
+    # num_batches_tracked: norm layers traced into once lost their updates)
+    sd_p, sd_g = plain.state_dict(keep_vars=True), gm.state_dict(keep_vars=True)
+    state_differ = []
+    for k, v in sd_p.items():
+        w = sd_g.get(k)
+        if w is None:
+            state_differ.append(f"{k} (missing)")
+        elif isinstance(v, torch.nn.Parameter):
+            if (v.grad is None) != (w.grad is None) or (v.grad is not None and not torch.equal(v.grad, w.grad)):
+                state_differ.append(f"{k}.grad")
+        elif isinstance(v, torch.Tensor) and not torch.equal(v, w):
+            state_differ.append(k)
     same_loss = loss_p == loss_g or (math.isnan(loss_p) and math.isnan(loss_g))
-    rec = {"identical": same_loss and not differ and not missing, "loss": [loss_p, loss_g],
-           "grads_compared": len(grads_g), "grads_differ": differ[:5], "grads_missing": missing[:5]}
+    rec = {"identical": same_loss and not differ and not missing and not state_differ, "loss": [loss_p, loss_g],
+           "grads_compared": len(grads_g), "grads_differ": differ[:5], "grads_missing": missing[:5],
+           "state_compared": len(sd_p), "state_differ": state_differ[:5]}
     if not rec["identical"]:
         again = copy.deepcopy(model).train()
         loss_a, grads_a = _loss_and_grads(again, spec, inputs)
+        sd_a = again.state_dict(keep_vars=True)
         rec["original_vs_itself_identical"] = loss_a == loss_p and all(
-            torch.equal(grads_a[n], grads_p[n]) for n in grads_p)
+            torch.equal(grads_a[n], grads_p[n]) for n in grads_p) and all(
+            torch.equal(sd_a[k], v) for k, v in sd_p.items() if not isinstance(v, torch.nn.Parameter)
+            and isinstance(v, torch.Tensor))
         rec["max_grad_diff"] = max((float((grads_g[n] - grads_p[n]).abs().max()) for n in differ), default=0.0)
     return rec
 
@@ -69,9 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-params", type=float, default=1e8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--models", default="", help="comma-separated names (a check run: results are not written)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     specs = [s for s in cov.all_specs() if not s.skip and (s.approx_params or 0) < args.max_params]
+    if args.models:
+        specs = [s for s in specs if s.name in args.models.split(",")]
     results: dict[str, dict] = {}
     for spec in specs:
         t0 = time.perf_counter()
@@ -82,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         rec["family"], rec["seconds"] = spec.family, round(time.perf_counter() - t0, 1)
         results[spec.name] = rec
         print(spec.name, json.dumps(rec)[:300], flush=True)
+    if args.models:
+        return 0 if all(r["identical"] for r in results.values()) else 1
     RESULTS.mkdir(exist_ok=True)
     meta = {"torch": torch.__version__, "threads": args.threads, "max_params": args.max_params,
             "measured": time.strftime("%Y-%m-%d %H:%M")}
@@ -93,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         "# Training parity before pruning", "",
         f"Every coverage-sweep model under {args.max_params:.0e} parameters ({len(results)} models; torch "
         f"{meta['torch']}, {args.threads} threads, {meta['measured']}): one train-mode forward + backward of "
-        "the original and of `instrument(model)` from the same seed; loss and every prunable parameter's "
-        "gradient compared bit for bit.", "",
+        "the original and of `instrument(model)` from the same seed; loss, every parameter's gradient and "
+        "every buffer after the step (by the original's key names) compared bit for bit.", "",
         f"- identical: **{len(same)}/{len(results)}**",
         f"- differ, but the original differs from itself run again (its own nondeterminism): {len(theirs)}"
         + (f" ({', '.join(theirs)})" if theirs else ""),
@@ -103,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     for n in theirs + ours:
         r = results[n]
         lines.append(f"  - {n}: " + (r.get("error") or f"gradients differ on {r['grads_differ']} "
-                                      f"(max {r.get('max_grad_diff', 0):.1e}), missing {r['grads_missing']}"))
+                                      f"(max {r.get('max_grad_diff', 0):.1e}), missing {r['grads_missing']}, "
+                                      f"state differs on {r.get('state_differ', [])}"))
     (RESULTS / "train_parity.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if not ours else 1
