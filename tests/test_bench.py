@@ -18,14 +18,7 @@ from lobster_fx.export import export_onnx
 
 # benchmark() runs each model in a fresh `sys.executable` worker that unpickles lobster_fx objects:
 # it must import this checkout's lobster_fx, not another installed copy
-CHECKOUT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _children_import_this_checkout():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(CHECKOUT), os.environ.get("PYTHONPATH")) if p))
-        yield
+CHECKOUT = Path(__file__).resolve().parents[1]  # PYTHONPATH: conftest.py
 
 
 def test_children_import_this_checkout():

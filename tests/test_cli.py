@@ -1,25 +1,12 @@
 """The command line: the main job (demo) and train / export / bench / report."""
 
 import json
-import os
-from pathlib import Path
 
 import onnx
 import pytest
 import torch
 
 from lobster_fx.cli import main
-
-# demo / bench call benchmark(), which runs each model in a fresh `sys.executable` worker that
-# unpickles lobster_fx objects: it must import this checkout's lobster_fx, not another installed copy
-CHECKOUT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _children_import_this_checkout():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(CHECKOUT), os.environ.get("PYTHONPATH")) if p))
-        yield
 
 
 def test_demo_writes_report_with_required_fields(tmp_path, capsys):

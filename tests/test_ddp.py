@@ -13,6 +13,7 @@ decision.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import traceback
@@ -138,14 +139,16 @@ def _run(rank: int | None, lmbda: float = LMBDA, half_only: bool = False, mutant
     return state
 
 
-def _worker(rank: int, port: int, out_dir: str, mutant: bool) -> None:
+def _worker(rank: int, port: int, out_dir: str, mutant: bool, body=None) -> None:
+    """One rank: a gloo group, ``body(rank, mutant=...)``'s state saved, errors written out.
+    Spawn targets must be picklable: pass ``functools.partial(_worker, body=<top-level fn>)``."""
     try:
         torch.set_num_threads(1)
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(port)
         torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
         try:
-            state = _run(rank, mutant=mutant)
+            state = (body or _run)(rank, mutant=mutant)
             torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
         finally:
             torch.distributed.destroy_process_group()
@@ -282,39 +285,24 @@ RANK_LOSSES = ([1.0, 0.9, 0.8, 0.1, 0.2], [1.0, 1.2, 1.4, 0.3, 0.4])
 PLATEAU_PRUNE_CALLS = [3]
 
 
-def _plateau_worker(rank: int, port: int, out_dir: str, mutant: bool) -> None:
-    try:
-        torch.set_num_threads(1)
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(port)
-        torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
-        try:
-            _, _, xv, yv = _data()
-            gm = lobster_fx.instrument(_model())  # same init on both ranks
-            # the default (sync_distributed=True); the mutant decides from the local loss
-            kwargs = {"sync_distributed": False} if mutant else {}
-            pruner = lobster_fx.PlateauPruner(gm, _evaluate_on(xv, yv), twt=TWT, pwe=2, **kwargs)
-            pruned_at = [call for call, v in enumerate(RANK_LOSSES[rank], 1) if pruner.step(v) is not None]
-            torch.save(
-                {
-                    "pruned_at": pruned_at,
-                    "best": pruner.best,
-                    "history": pruner.history,
-                    "masks": {k: v.clone() for k, v in lobster_fx.masks(gm).items()},
-                },
-                os.path.join(out_dir, f"rank{rank}.pt"),
-            )
-        finally:
-            torch.distributed.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
+def _plateau_ranks(rank: int, mutant: bool) -> dict:
+    _, _, xv, yv = _data()
+    gm = lobster_fx.instrument(_model())  # same init on both ranks
+    # the default (sync_distributed=True); the mutant decides from the local loss
+    kwargs = {"sync_distributed": False} if mutant else {}
+    pruner = lobster_fx.PlateauPruner(gm, _evaluate_on(xv, yv), twt=TWT, pwe=2, **kwargs)
+    pruned_at = [call for call, v in enumerate(RANK_LOSSES[rank], 1) if pruner.step(v) is not None]
+    return {
+        "pruned_at": pruned_at,
+        "best": pruner.best,
+        "history": pruner.history,
+        "masks": {k: v.clone() for k, v in lobster_fx.masks(gm).items()},
+    }
 
 
 def test_plateau_decisions_agree_across_ranks(tmp_path):
     """Regression: step() decided from each rank's own loss; the rank that pruned hung."""
-    r0, r1 = _run_ddp(str(tmp_path), target=_plateau_worker)
+    r0, r1 = _run_ddp(str(tmp_path), target=functools.partial(_worker, body=_plateau_ranks))
     assert r0["pruned_at"] == r1["pruned_at"] == PLATEAU_PRUNE_CALLS
     assert r0["history"] == r1["history"] and r0["history"][0]["pruned"] > 0
     assert r0["best"] == r1["best"]
@@ -331,3 +319,41 @@ def test_plateau_without_sync_decides_per_rank():
                                           sync_distributed=False)
         decisions.append([call for call, v in enumerate(losses, 1) if pruner.step(v) is not None])
     assert decisions[0] != decisions[1]  # what the ranks would do without the average
+
+
+def _mask_edit_ranks(rank: int, mutant: bool) -> dict:
+    """A mask edited on rank 0 only, after every rank ran (and cached) its all-ones masks."""
+    torch.manual_seed(0)
+    gm = lobster_fx.instrument(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)))
+    ddp = nn.parallel.DistributedDataParallel(gm)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    lobster_fx.Lobster(ddp, opt, lmbda=1e-2)
+    g = torch.Generator().manual_seed(rank)
+    x, y = torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+    ddp(x)
+    if rank == 0:
+        lobster_fx.masks(gm)["0.weight"][:8] = 0
+    for _ in range(5):
+        opt.zero_grad()
+        nn.functional.cross_entropy(ddp(x), y).backward()  # DDP broadcasts rank 0's buffers first
+        opt.step()
+    with torch.no_grad():
+        probe = gm(torch.randn(4, 8, generator=torch.Generator().manual_seed(7)))
+    return {
+        "effective": {info.name: (p * m).detach() for info, p, m in masked_parameters(gm)},
+        "raw": {info.name: p.detach().clone() for info, p, _ in masked_parameters(gm)},
+        "mask": lobster_fx.masks(gm)["0.weight"].clone(),
+        "probe": probe,
+    }
+
+
+def test_mask_edited_on_rank0_is_honoured_on_every_rank(tmp_path):
+    """Regression: DDP's buffer broadcast writes rank 0's masks into rank 1 without bumping
+    their versions; rank 1's cached "all ones" ran it unmasked and unpinned."""
+    r0, r1 = _run_ddp(str(tmp_path), target=functools.partial(_worker, body=_mask_edit_ranks))
+    assert torch.equal(r1["mask"], r0["mask"]) and (r0["mask"][:8] == 0).all()  # the broadcast arrived
+    for name in r0["effective"]:
+        assert torch.equal(r0["effective"][name], r1["effective"][name]), name
+        assert torch.equal(r0["raw"][name], r1["raw"][name]), name  # rank 1 pinned too
+    assert (r1["raw"]["0.weight"][:8] == 0).all()
+    assert torch.equal(r0["probe"], r1["probe"])
