@@ -48,10 +48,11 @@ SIDES = ("plain", "lobster", "fast path (unsafe)", "masks not broadcast")
 
 
 def _build(name: str, side: str):
-    import lobster_fx
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    builder, shape, batch = MODELS[name]
+    import lobster_fx
+
+    builder = MODELS[name][0]
     torch.manual_seed(0)
     model = builder()
     if side == "plain":
@@ -138,8 +139,8 @@ def main() -> None:
             "rounds": args.rounds, "steps_per_round": args.steps, "note": args.note}
     (RESULTS / "ddp_masks.json").write_text(json.dumps({"meta": meta, "models": results}, indent=1))
     lines = ["# DDP step cost with masks honoured on every rank", "",
-             f"2 gloo ranks on this machine's 2 cores, 1 thread each, torch {torch.__version__}; "
-             f"medians of {args.rounds} interleaved rounds of {args.steps} steps (rank 0's clock). {args.note}", "",
+             (f"2 gloo ranks on this machine's 2 cores, 1 thread each, torch {torch.__version__}; "
+              f"medians of {args.rounds} interleaved rounds of {args.steps} steps (rank 0's clock). {args.note}"), "",
              "| model | side | forward ms | vs plain | step ms | vs plain |", "|---|---|---|---|---|---|"]
     for name, sides in results.items():
         base = sides["plain"]

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import Graph, Node
 
-__all__ = ["WEIGHT_LAYERS", "default_filter", "multiplies_inputs", "NORM_TYPES", "is_norm"]
+__all__ = ["NORM_TYPES", "WEIGHT_LAYERS", "default_filter", "is_norm", "multiplies_inputs"]
 
 #: layers whose weights multiply their inputs: all their parameters are prunable by default
 WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (
