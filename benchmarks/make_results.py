@@ -18,6 +18,7 @@ SECTIONS = [
     ("overhead", "Training overhead (issue 5)", "python benchmarks/overhead.py"),
     ("native_rule_probe", "A native rule kernel on LeNet-300: probe (issue 5)", "python benchmarks/native_rule_probe.py"),
     ("compile_profile", "Masks under torch.compile: where the time goes (issue 5)", "python benchmarks/compile_profile.py"),
+    ("ddp_masks", "DDP step cost with masks honoured on every rank (issue 12)", "python benchmarks/ddp_masks.py"),
     ("gpu_check", "CUDA checks: fused rule, half precision, NCCL, CSR, ONNX Runtime CUDA, ResNet-18 step",
      "python benchmarks/gpu_check.py"),
 ]
