@@ -414,9 +414,9 @@ def _use_original_keys(gm: LobsterGraphModule, strip: str) -> None:
     if len(set(renamed)) != len(renamed):
         gm.meta["lobster"].skipped["<state_dict keys>"] = "kept as they are: renaming them would merge two keys"
         return
-    masks = [external_key(e.mask_path, strip) for e in gm.meta["lobster"].params.values()]
-    masks += [external_key(e.mask_path, "") for e in gm.meta["lobster"].params.values()]
-    gm.meta["lobster_keys"] = {"strip": strip, "masks": sorted(set(masks) | {k for k in keys if k.endswith(".0.mask")})}
+    # internal names: load_state_dict reports missing keys in the module's own terms
+    masks = {e.mask_path for e in gm.meta["lobster"].params.values()} | {k for k in keys if k.endswith(".0.mask")}
+    gm.meta["lobster_keys"] = {"strip": strip, "masks": sorted(masks)}
 
 
 def _graph_uses(gm: nn.Module, ids: set[int]) -> dict[int, list[tuple[torch.fx.Graph, Node]]]:
