@@ -598,8 +598,6 @@ def benchmark(
         for n, p in onnx_models.items():
             cfgs[n] = {**common, "kind": "onnx", "path": p, "providers": providers}
         if torch_models:
-            import torch
-
             for k, (n, m) in enumerate(torch_models.items()):
                 tp = os.path.join(tmpdir, f"torch_{k}.pt")
                 _save_torch_model(m, tp)
