@@ -278,11 +278,30 @@ class _TorchRunner:
         self.torch = torch
         self.status_before = _proc_status()
         t0 = time.perf_counter()
-        model = torch.load(cfg["path"], weights_only=False, map_location="cpu")
+        model = self._load_own_file(torch, cfg["path"], cfg["sha256"])
         model.eval()
         self.load_s = time.perf_counter() - t0
         self.model = model
         self.providers = ["torch-cpu"]
+
+    @staticmethod
+    def _load_own_file(torch: Any, path: str, sha256: str) -> Any:
+        """Unpickle the module the parent just wrote, and nothing else.
+
+        A whole ``nn.Module`` (its class, its generated code) cannot come
+        through ``weights_only=True``; the file is therefore only ever one the
+        parent wrote moments ago into its private (0700) temp folder, and it
+        is read once into memory and checked against the parent's SHA-256
+        before unpickling, so a file swapped in meanwhile is refused, not run.
+        """
+        import hashlib
+        import io
+
+        with open(path, "rb") as f:
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise RuntimeError(f"{path}: not the file the parent process wrote (SHA-256 differs); not loading it")
+        return torch.load(io.BytesIO(data), weights_only=False, map_location="cpu")
 
     def feeds(self, arrays: list[Any]) -> Any:
         return [self.torch.from_numpy(a) for a in arrays]
@@ -489,6 +508,38 @@ def _onnx_input_specs(path: str) -> list[dict[str, Any]]:
     return specs
 
 
+def _check_onnx_file(name: str, path: str) -> None:
+    """Refuse, naming the model and the file, what ONNX Runtime would reject obscurely."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"model {name!r}: {path!r} is a directory, not an ONNX file")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model {name!r}: no such file {path!r}")
+    if not os.path.isfile(path):
+        raise ValueError(f"model {name!r}: {path!r} is not a regular file")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"model {name!r}: {path!r} is empty, not an ONNX model")
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:  # parses the graph only (external weights stay on disk)
+        m = onnx.load(path, load_external_data=False)
+    except (DecodeError, ValueError, RuntimeWarning) as e:
+        raise ValueError(f"model {name!r}: {path!r} is not an ONNX model ({type(e).__name__}: {e})") from None
+    if not m.graph.node and not m.graph.output:
+        # protobuf accepts many short byte strings as an empty message
+        raise ValueError(f"model {name!r}: {path!r} is not an ONNX model (no graph in it)")
+
+
+def _file_sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _specs_from_args(input_shape: Any, example_input: Any) -> list[dict[str, Any]] | None:
     if example_input is not None:
         items = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
@@ -567,8 +618,7 @@ def benchmark(
     if baseline not in names:
         raise ValueError(f"baseline {baseline!r} is not one of {names}")
     for n, p in onnx_models.items():
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"model {n!r}: no such file {p!r}")
+        _check_onnx_file(n, p)
     providers = list(providers)
     wants_cuda = bool(providers) and providers[0] == "CUDAExecutionProvider"
     if onnx_models and "CUDAExecutionProvider" in providers:
@@ -601,7 +651,8 @@ def benchmark(
             for k, (n, m) in enumerate(torch_models.items()):
                 tp = os.path.join(tmpdir, f"torch_{k}.pt")
                 _save_torch_model(m, tp)
-                cfgs[n] = {**common, "kind": "torch", "path": tp, "sys_path": [p for p in sys.path if p]}
+                cfgs[n] = {**common, "kind": "torch", "path": tp, "sha256": _file_sha256(tp),
+                           "sys_path": [p for p in sys.path if p]}
         # start (and load) one at a time so loads do not compete for the cores
         for n in names:
             w = _Worker(n, cfgs[n])

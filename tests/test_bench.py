@@ -115,6 +115,50 @@ def test_bad_arguments(tiny_models, tmp_path):
         benchmark({})
 
 
+@pytest.mark.parametrize("content", [b"", os.urandom(512), b"hello, I am a text file\n", None],
+                         ids=["empty", "random-bytes", "text", "directory"])
+def test_a_file_that_is_not_onnx_is_named(tmp_path, content):
+    """Not 'Wire format was corrupt' nor 'no such file' for a folder that exists:
+    the error names the model and the path and says what is wrong."""
+    path = tmp_path / "model.onnx"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    expected = "is a directory" if content is None else ("is empty" if content == b"" else "is not an ONNX model")
+    with pytest.raises((ValueError, OSError), match=expected) as info:
+        benchmark({"m": str(path)}, batch_sizes=(1,), repeats=1, rounds=1)
+    assert str(path) in str(info.value) and "'m'" in str(info.value)
+
+
+class _Payload:
+    """Unpickling this runs code: it creates a marker file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_torch_worker_refuses_a_file_it_did_not_write(tmp_path):
+    """The torch worker unpickles only the file the parent wrote (SHA-256 check first):
+    a file swapped in with a code payload is refused and its code never runs."""
+    from lobster_fx.bench import _file_sha256, _save_torch_model, _TorchRunner
+
+    own = tmp_path / "own.pt"
+    _save_torch_model(nn.Linear(2, 2), str(own))
+    digest = _file_sha256(str(own))
+    marker = tmp_path / "pwned"
+    torch.save({"x": _Payload(str(marker))}, own)  # swapped in after the parent hashed its file
+    with pytest.raises(RuntimeError, match="SHA-256"):
+        _TorchRunner._load_own_file(torch, str(own), digest)
+    assert not marker.exists()
+    # the check is what stops it: the same file does run its payload under a plain pickle load
+    torch.load(own, weights_only=False)
+    assert marker.exists()
+
+
 def test_worker_error_is_reported(tiny_models):
     """A wrong input shape fails inside the worker and surfaces in the parent."""
     with pytest.raises(RuntimeError, match="small"):
