@@ -650,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run_config(mname, spec, s, args, workdir, dead_frac=dead))
         trained = Path(args.trained)
         if "lenet300" in args.models and trained.is_file():
-            sd = torch.load(trained, map_location="cpu", weights_only=False)
+            sd = torch.load(trained, map_location="cpu", weights_only=True)
             if isinstance(sd, dict) and "state_dict" in sd:
                 sd = sd["state_dict"]
             spec = SPECS["lenet300"]()

@@ -70,7 +70,7 @@ def run(setting: str, variant: str, minutes: float, pwe: int, epochs: int, threa
     # the reported model: the most compressed one within the paper's error on *validation*
     max_val_error = max(err for _, err in targets)
     selected_path = CKPT / name / "selected.pt"
-    selected = torch.load(selected_path, weights_only=False) if selected_path.exists() else None
+    selected = torch.load(selected_path, weights_only=True) if selected_path.exists() else None
 
     def on_epoch(entry: dict, gm) -> None:
         nonlocal selected
@@ -131,7 +131,7 @@ def export_final_model(setting: str) -> Path:
     from lobster_fx.instrument import instrument
     from lobster_fx.train import TrainConfig, build_model, load_splits
 
-    state = torch.load(CKPT / f"{setting}-lobster" / "checkpoint.pt", weights_only=False)
+    state = torch.load(CKPT / f"{setting}-lobster" / "checkpoint.pt", weights_only=True)
     config = TrainConfig(**state["config"])
     gm = instrument(build_model(config, load_splits(config)))
     gm.load_state_dict(state["model"])
@@ -160,7 +160,7 @@ def _final_layers(name: str, rec: dict, path: Path) -> dict | None:
     from lobster_fx.report import sparsity_report
     from lobster_fx.train import TrainConfig, build_model, load_splits
 
-    state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=True)
     if state["epoch"] != rec["epochs"]:
         return None  # the checkpoint went on after this JSON was written
     config = TrainConfig(**state["config"])
