@@ -621,14 +621,16 @@ def benchmark(
         _check_onnx_file(n, p)
     providers = list(providers)
     wants_cuda = bool(providers) and providers[0] == "CUDAExecutionProvider"
-    if onnx_models and "CUDAExecutionProvider" in providers:
-        import onnxruntime as ort
+    if onnx_models:
+        from lobster_fx.runtime import import_onnxruntime, runtime_conflict
 
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
+        ort = import_onnxruntime()  # the workers import it too: say which extra is missing here, once
+        if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in ort.get_available_providers():
             # ORT would only warn and run on CPU: fail before timing the wrong thing
             raise RuntimeError(
                 "CUDAExecutionProvider was requested but this onnxruntime build has only "
-                f"{ort.get_available_providers()} (install onnxruntime-gpu and CUDA)"
+                f"{ort.get_available_providers()}: "
+                + (runtime_conflict() or "install lobster_fx[gpu] (onnxruntime-gpu) and CUDA")
             )
 
     specs = _specs_from_args(input_shape, example_input)
