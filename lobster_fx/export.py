@@ -1087,7 +1087,12 @@ def export_onnx(
         except ImportError:
             fold = None  # type: ignore[assignment]
         if fold is not None:
+            from lobster_fx.fold import require_folded
+
             work = fold(model)  # a copy; a no-op copy for a model without masks
+            # fold folds the model itself (through DDP / compile wrappers), not an
+            # instrumented module nested inside another: refuse that, as slim would
+            require_folded(work, "export_onnx")
         else:
             if _has_masks(model):
                 warnings.warn("lobster_fx.fold is not importable: exporting unfolded masks (larger file)")

@@ -35,7 +35,78 @@ from lobster_fx.instrument import (
 )
 from lobster_fx.trace import LobsterGraphModule
 
-__all__ = ["fold"]
+__all__ = ["MaskedModelError", "fold", "masked_parameter_names", "require_folded"]
+
+
+class MaskedModelError(ValueError):
+    """A pass that works on folded weights got a model that still has masks.
+
+    ``names`` lists the masked parameters (names in the original model, prefixed
+    with the submodule's path when the instrumented module sits inside another).
+    """
+
+    def __init__(self, message: str, names: list[str]) -> None:
+        super().__init__(message)
+        self.names = names
+
+
+def _instrumented_parts(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """``(path, masked parameter names)`` of every instrumented module in ``model``
+    (DDP / DataParallel / torch.compile wrappers looked through), outermost first."""
+    root = unwrap(model)
+    out: list[tuple[str, list[str]]] = []
+    seen: set[int] = set()
+    for path, sub in root.named_modules():
+        sub = unwrap(sub)  # a nested wrapper and the module it wraps are listed once
+        if id(sub) in seen:
+            continue
+        seen.add(id(sub))
+        info = getattr(sub, "meta", {}).get("lobster") if isinstance(sub, GraphModule) else None
+        if info is not None and info.params:
+            out.append((path, list(info.params)))
+    return out
+
+
+def masked_parameter_names(model: nn.Module) -> list[str]:
+    """The parameters of ``model`` that are still masked (not folded), by name.
+
+    Names are those of the original model; for an instrumented module inside
+    another module they are prefixed with its path. ``[]`` for a folded or a
+    plain model. Wrappers (DDP, DataParallel, ``torch.compile``) are looked through.
+
+    Example::
+
+        >>> import torch, lobster_fx
+        >>> from lobster_fx.fold import masked_parameter_names
+        >>> gm = lobster_fx.instrument(torch.nn.Linear(4, 2))
+        >>> masked_parameter_names(gm), masked_parameter_names(lobster_fx.fold(gm))
+        (['weight', 'bias'], [])
+    """
+    return [f"{path}.{name}" if path else name for path, names in _instrumented_parts(model) for name in names]
+
+
+def require_folded(model: nn.Module, what: str) -> None:
+    """Raise :class:`MaskedModelError` if ``model`` still has masks; ``what`` names the caller.
+
+    For passes that read the weights as they are (``slim``, ``to_sparse_csr``):
+    on an instrumented model they would see the raw weights next to their masks
+    and silently keep both. The check only reads ``model``.
+    """
+    parts = _instrumented_parts(model)
+    if not parts:
+        return
+    names = masked_parameter_names(model)
+    n = len(names)
+    path = parts[0][0]
+    if not path:
+        how = "call lobster_fx.fold(gm) first and pass its result"
+    else:
+        how = (f"the instrumented submodule {path!r} was not folded: replace it with "
+               f"lobster_fx.fold(model.get_submodule({path!r})) first")
+    raise MaskedModelError(
+        f"{what}: this model still has masks ({n} masked parameter{'s' if n != 1 else ''}, e.g. {names[0]!r}): {how}",
+        names,
+    )
 
 
 def _unshare_parametrized_classes(model: nn.Module) -> None:

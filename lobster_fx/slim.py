@@ -82,6 +82,7 @@ from torch import nn
 from torch.fx import GraphModule, Interpreter, Node
 from torch.utils._pytree import tree_flatten
 
+from lobster_fx.fold import require_folded
 from lobster_fx.trace import LobsterGraphModule, trace_model
 
 __all__ = [
@@ -1292,7 +1293,16 @@ def slim_with_report(
     ``channel_multiple`` (default ``None``: :data:`DEFAULT_CHANNEL_MULTIPLE`)
     rounds the number of kept units of every slimmed channel group that a conv
     produces or reads up to a multiple of it, never above the group's original
-    size (see :func:`slim`); ``1`` removes every removable unit."""
+    size (see :func:`slim`); ``1`` removes every removable unit.
+
+    ``model`` must not have masks: slim reads the weights as they are, so on an
+    instrumented model (masks not folded) it would see the raw weights and
+    remove nothing. Pass ``lobster_fx.fold(gm)``; an instrumented model (also
+    inside a DDP / DataParallel / ``torch.compile`` wrapper, or as a submodule)
+    raises :class:`lobster_fx.fold.MaskedModelError`, a ``ValueError``, before
+    anything is copied. (:func:`lobster_fx.export.export_onnx` is the whole
+    pipeline and folds by itself.)"""
+    require_folded(model, "slim")
     multiple = _channel_multiple(channel_multiple)
     inputs = _as_tuple(example_inputs)
     gm = prepare_inference_graph(model)
@@ -1352,7 +1362,8 @@ def slim_with_report(
 def slim(model: nn.Module, example_inputs: Any, *, atol: float | None = None, rtol: float | None = None,
          channel_multiple: int | None = None) -> GraphModule:
     """Remove dead units from ``model`` (a deep copy); see :func:`slim_with_report`
-    (``atol`` / ``rtol``: None follows the model's dtype).
+    (``atol`` / ``rtol``: None follows the model's dtype; a model that still has
+    masks is refused: fold it first).
 
     The report is attached as ``gm.meta["lobster_slim"]``.
 

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from lobster_fx.fold import require_folded
 from lobster_fx.trace import LobsterGraphModule, trace_model
 
 __all__ = ["to_sparse_csr", "csr_linear", "CsrTensor", "CsrReport", "DEFAULT_MIN_SPARSITY"]
@@ -139,7 +140,15 @@ def to_sparse_csr(model: nn.Module, *, min_sparsity: float = DEFAULT_MIN_SPARSIT
     :func:`lobster_fx.trace.trace_model`). ``model`` is
     not modified. A :class:`CsrReport` is attached as ``gm.meta["lobster_sparse"]``.
     Converted weights become buffers (not trainable); ``owner.weight`` is gone
-    and ``owner.weight_csr.csr`` holds the CSR tensor."""
+    and ``owner.weight_csr.csr`` holds the CSR tensor.
+
+    ``model`` must not have masks: the sparsity counted is the stored weights',
+    so an instrumented model (masks not folded) would convert nothing. Pass
+    ``lobster_fx.fold(gm)`` (or its :func:`lobster_fx.slim.slim` result); an
+    instrumented model (also inside a DDP / DataParallel / ``torch.compile``
+    wrapper, or as a submodule) raises :class:`lobster_fx.fold.MaskedModelError`
+    (a ``ValueError``) before anything is copied."""
+    require_folded(model, "to_sparse_csr")
     gm = copy.deepcopy(model)
     if not isinstance(gm, LobsterGraphModule):
         # plain GraphModules too: symbolic_trace keeps Linear as a call_module leaf
