@@ -1,6 +1,11 @@
 """``lobster-fx`` command line: demo (the main job), train, export, bench, report.
 
 Run ``lobster-fx demo`` on a fresh install: it needs no network and no download.
+
+Exit status: 0 on success; 1 on an error, which ends with one line on stderr
+(``lobster-fx COMMAND: error: MESSAGE``; ``lobster-fx --debug COMMAND ...`` shows the
+traceback instead); 2 on a usage error (argparse's message); 143 (128 + SIGTERM) when
+``train`` was stopped by SIGTERM after keeping a resumable checkpoint.
 """
 
 from __future__ import annotations
@@ -9,31 +14,52 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import torch
+from torch import nn
 
-__all__ = ["main", "run_demo"]
+__all__ = ["EXIT_ERROR", "EXIT_USAGE", "main", "run_demo"]
+
+EXIT_ERROR = 1  #: an error, reported in one line (``--debug``: with its traceback)
+EXIT_USAGE = 2  #: a usage error, reported by argparse
 
 
-def _load_checkpoint_model(path: str):
-    """Rebuild the instrumented model of a ``lobster-fx train`` checkpoint."""
+def _load_checkpoint_model(path: str) -> tuple[nn.Module, Any, Any, dict[str, Any]]:
+    """Rebuild the instrumented model of a ``lobster-fx train`` checkpoint.
+
+    The checkpoint is loaded with ``weights_only=True``: no code in it runs.
+
+    Raises:
+        OSError, ValueError: ``path`` is missing, not a lobster-fx training checkpoint, or its
+            weights do not fit the model its config names (each message names ``path``).
+    """
     from lobster_fx.instrument import instrument
-    from lobster_fx.train import TrainConfig, build_model, load_splits
+    from lobster_fx.train import (
+        build_model,
+        config_from_dict,
+        load_checkpoint,
+        load_splits,
+    )
 
-    state = torch.load(path, weights_only=False)
-    config = TrainConfig(**state["config"])
+    state = load_checkpoint(path)
+    config = config_from_dict(state["config"], path)
     splits = load_splits(config)
     gm = instrument(build_model(config, splits))
-    gm.load_state_dict(state["model"])
+    try:
+        gm.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: its weights do not fit model {config.model!r} on {config.dataset!r} "
+                         f"({first})") from exc
     return gm, config, splits, state
 
 
 def _write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
+    from lobster_fx.train import atomic_write_text
+
+    atomic_write_text(json.dumps(obj, indent=1), path)
 
 
 def run_demo(out: Path, *, dataset: str = "digits", data_root: str | None = None, epochs: int | None = None,
@@ -156,10 +182,29 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_model_file(path: str) -> None:
+    """The cheap checks on a model file given to ``bench``: it exists, is a file, is not empty."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if p.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, not an ONNX model file")
+    if p.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): not an ONNX model")
+
+
+def _model_names(paths: Sequence[str]) -> dict[str, str]:
+    """Name each model by its file's stem, or by its path where two stems are the same."""
+    stems = [Path(p).stem for p in paths]
+    return {(stem if stems.count(stem) == 1 else p): p for stem, p in zip(stems, paths)}
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from lobster_fx.bench import benchmark
 
-    models = {Path(p).stem: p for p in args.models}
+    for path in args.models:
+        _check_model_file(path)
+    models = _model_names(args.models)
     providers = ("CUDAExecutionProvider",) if args.cuda else ("CPUExecutionProvider",)
     report = benchmark(models, batch_sizes=tuple(args.batch_sizes), rounds=args.rounds, providers=providers)
     print(report.table())
@@ -185,7 +230,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lobster-fx", description=__doc__)
+    debug_help = "on an error, show the traceback instead of one line"
+    parser = argparse.ArgumentParser(prog="lobster-fx", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="train, prune, fold, slim, export and benchmark LeNet-300 (no download)")
@@ -237,12 +285,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--out", default=".")
     p.set_defaults(func=_cmd_report)
+    for p in sub.choices.values():  # --debug after the command too (SUPPRESS: absent, the global value holds)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    """The exception as one line: its message's first line, with the type where the message is unclear."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if len(lines) > 1:
+        text += " [...] (--debug shows all)"
+    if not isinstance(exc, (ValueError, TypeError, OSError)) or not text:
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``lobster-fx`` command; return its exit status (see the module docstring).
+
+    Errors end with one line on stderr, ``lobster-fx COMMAND: error: MESSAGE`` (exit 1);
+    ``--debug`` lets them raise with their traceback instead. KeyboardInterrupt and SystemExit
+    pass through; argparse reports usage errors itself (exit 2).
+    """
+    from lobster_fx.train import TrainingInterrupted
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except TrainingInterrupted as exc:
+        print(f"lobster-fx {args.command}: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"lobster-fx {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

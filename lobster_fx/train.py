@@ -15,29 +15,57 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
+import numbers
 import os
+import re
+import signal
 import tempfile
+import threading
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lobster_fx.data import Splits, TensorData, batches, load_dataset, load_digits
+from lobster_fx.data import (
+    DATASETS,
+    Splits,
+    TensorData,
+    batches,
+    load_dataset,
+    load_digits,
+)
 from lobster_fx.instrument import instrument
-from lobster_fx.models import get_model
+from lobster_fx.models import MODELS, get_model
 from lobster_fx.report import sparsity_report
 from lobster_fx.rule import Lobster
 from lobster_fx.schedule import PlateauPruner
 
-__all__ = ["TrainConfig", "TrainResult", "atomic_save", "build_model", "evaluate", "load_splits", "train"]
+__all__ = [
+    "RESUMABLE_CHANGES", "TrainConfig", "TrainResult", "TrainingInterrupted", "atomic_save", "atomic_write_text",
+    "build_model", "config_from_dict", "evaluate", "load_checkpoint", "load_splits", "train",
+]
+
+#: TrainConfig fields a resumed run may change: how long, where and how fast it runs, and what it
+#: prints. Every other field defines the run (its data, model or arithmetic), and a resume that
+#: changes one is refused. ``threads`` can change float rounding in some kernels, like resuming on
+#: another machine would; it is allowed so that a resumed run can use the machine it lands on.
+RESUMABLE_CHANGES = frozenset({"epochs", "max_minutes", "out_dir", "progress", "checkpoint_every", "threads"})
+#: the keys of a checkpoint that ``train`` resumes from
+_RESUME_KEYS = ("config", "model", "optimizer", "rule", "pruner", "generator", "log", "epoch", "elapsed",
+                "cycle_epoch")
+#: temporary files of :func:`atomic_save` / :func:`atomic_write_text` and the write probe: ``.NAME.XXXXXXXX.tmp``
+_TMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
 @dataclass
@@ -74,8 +102,114 @@ class TrainConfig:
     #: ~2 s compile once for a cheaper step on smaller models (LeNet-300: 1.23x vs 1.31x of plain)
     fused_rule: bool | None = None
 
+    def __post_init__(self) -> None:
+        """Check every field's type and range, naming the field and value that are wrong.
+
+        Raises:
+            TypeError: a field of the wrong type (``True`` is not a number here).
+            ValueError: a value out of range, an unknown model or dataset, or a model the
+                dataset's images do not fit (LeNet-5 needs 28 x 28; digits are 8 x 8).
+        """
+        _validate_config(self)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+_INT_MIN = {"epochs": 1, "batch_size": 1, "pwe": 1, "checkpoint_every": 1, "eval_batch_size": 1, "val_size": 0,
+            "seed": 0}
+_FLOAT_RANGE = {  # field: (low, low included, high, high included)
+    "lr": (0.0, False, math.inf, False), "momentum": (0.0, True, math.inf, False),
+    "weight_decay": (0.0, True, math.inf, False), "lmbda": (0.0, True, math.inf, False),
+    "twt": (0.0, True, math.inf, False), "plateau_threshold": (0.0, True, 1.0, False),
+    "search_precision": (0.0, True, 1.0, False), "lr_min_factor": (0.0, True, 1.0, True),
+    "max_minutes": (0.0, True, math.inf, False),
+}
+_OPTIONAL = ("max_minutes", "threads")
+_BOOLS = ("rollback", "progress", "channels_last")
+
+
+def _field_error(name: str, value: Any, expected: str) -> TypeError:
+    return TypeError(f"TrainConfig.{name} must be {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _check_int(name: str, value: Any, low: int) -> int | None:
+    if value is None and name in _OPTIONAL:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _field_error(name, value, "an int" + (" or None" if name in _OPTIONAL else ""))
+    if value < low:
+        raise ValueError(f"TrainConfig.{name} must be >= {low}, got {value!r}")
+    return int(value)
+
+
+def _check_float(name: str, value: Any, low: float, low_ok: bool, high: float, high_ok: bool) -> float | None:
+    if value is None and name in _OPTIONAL:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _field_error(name, value, "a number" + (" or None" if name in _OPTIONAL else ""))
+    value = float(value)
+    if not (math.isfinite(value) and (low <= value if low_ok else low < value)
+            and (value <= high if high_ok else value < high)):
+        if math.isinf(high):
+            bound = f"a finite number {'>=' if low_ok else '>'} {low:g}"
+        else:
+            bound = f"in {'[' if low_ok else '('}{low:g}, {high:g}{']' if high_ok else ')'}"
+        raise ValueError(f"TrainConfig.{name} must be {bound}, got {value!r}")
+    return value
+
+
+def _check_name(name: str, value: Any, valid: list[str]) -> str:
+    if not isinstance(value, str):
+        raise _field_error(name, value, "a str")
+    if value.lower() not in valid:
+        raise ValueError(f"TrainConfig.{name}: unknown {name} {value!r}; valid: {', '.join(valid)}")
+    return value.lower()
+
+
+def _check_path(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise _field_error(name, value, "a path (str) or None")
+    return os.fspath(value)  # a str: checkpoints hold plain data only
+
+
+def _validate_config(config: TrainConfig) -> None:
+    c = config
+    c.model = _check_name("model", c.model, sorted(MODELS))
+    c.dataset = _check_name("dataset", c.dataset, ["digits", *DATASETS])
+    c.data_root, c.out_dir = _check_path("data_root", c.data_root), _check_path("out_dir", c.out_dir)
+    for name, low in {**_INT_MIN, "threads": 1}.items():
+        setattr(c, name, _check_int(name, getattr(c, name), low))
+    for name, bounds in _FLOAT_RANGE.items():
+        setattr(c, name, _check_float(name, getattr(c, name), *bounds))
+    for name in _BOOLS:
+        if not isinstance(getattr(c, name), bool):
+            raise _field_error(name, getattr(c, name), "True or False")
+    if c.fused_rule is not None and not isinstance(c.fused_rule, bool):
+        raise _field_error("fused_rule", c.fused_rule, "True, False or None")
+    if c.model == "lenet5" and c.dataset == "digits":
+        raise ValueError("TrainConfig: model 'lenet5' needs 28 x 28 images (mnist, fashion-mnist), but dataset "
+                         "'digits' has 8 x 8 images: use lenet300 or resnet32 with digits")
+
+
+def config_from_dict(saved: dict[str, Any], source: str | Path = "the checkpoint") -> TrainConfig:
+    """The :class:`TrainConfig` a checkpoint's ``config`` entry describes.
+
+    Raises:
+        ValueError: the entry names fields this version does not know, or holds invalid values
+            (the message names ``source``).
+    """
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise ValueError(f"{source}: its config has options this version of lobster-fx does not know: "
+                         f"{', '.join(unknown)}")
+    try:
+        return TrainConfig(**saved)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{source}: invalid config: {exc}") from exc
 
 
 @dataclass
@@ -119,24 +253,174 @@ def evaluate(model: nn.Module, data: TensorData, batch_size: int = 5000) -> tupl
     return loss_sum / len(data), 100.0 * wrong / len(data)
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file beside ``path``, then rename: never half-written."""
+def _write_error(path: Path, exc: BaseException) -> OSError | None:
+    """The OSError to raise for a failed write of ``path``: it names the path and the cause."""
+    if isinstance(exc, OSError):
+        cause = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        return OSError(exc.errno, f"cannot write {path}: {cause}")
+    if isinstance(exc, RuntimeError) and "unexpected pos" in str(exc):  # torch's zip writer on a short write
+        return OSError(errno.EIO, f"cannot write {path}: short write ({exc}); is the disk full?")
+    return None
+
+
+def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` through a temporary file beside it, then rename: never half-written.
+
+    The temporary file is removed whatever happens; on failure ``path`` keeps its previous content.
+
+    Raises:
+        OSError: the write failed; the message names ``path`` and the cause ("no space left on
+            device" for ENOSPC).
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save(obj, tmp)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # a full disk may only say so here, before the rename
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink(missing_ok=True)
+        error = _write_error(path, exc)
+        if error is None:
+            raise
+        raise error from exc
 
 
-def _atomic_write_text(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: never half-written.
+
+    Raises:
+        OSError: naming ``path`` and the cause; the previous file at ``path`` is kept.
+    """
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    """Write ``text`` (UTF-8) to ``path`` like :func:`atomic_save`: all or nothing."""
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _sweep_temporary_files(out: Path) -> None:
+    """Remove the temporary files a killed write left in ``out`` (only names our writes use)."""
+    for entry in out.iterdir():
+        if _TMP_NAME.match(entry.name) and entry.is_file():
+            entry.unlink(missing_ok=True)
+
+
+def _prepare_out_dir(out: Path) -> None:
+    """Create ``out``, sweep stale temporary files, and check that files can be written there.
+
+    Raises:
+        OSError: ``out`` cannot be created or written (naming it and the cause).
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _sweep_temporary_files(out)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-probe.", suffix=".tmp")
+        try:
+            os.write(fd, b"probe")
+        finally:
+            os.close(fd)
+            Path(probe).unlink(missing_ok=True)
+    except OSError as exc:
+        cause = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise OSError(exc.errno, f"output directory {out} is not writable: {cause}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _unsafe_reason(exc: BaseException) -> str:
+    """What torch's weights-only unpickler refused (e.g. ``Unsupported global: GLOBAL os.system``)."""
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed global|\. Please|\n|$)", str(exc))
+    return found.group(1).strip() if found else _first_line(exc)
+
+
+def _read_checkpoint(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)``, its failures as one clear error naming ``path``."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, not a checkpoint file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): not a checkpoint")
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6; so does lobster-fx
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if head.startswith(b"PK"):
+            raise ValueError(f"{path} is a damaged or truncated torch checkpoint (a zip archive without its "
+                             "central directory, as a write cut short leaves)")
+        raise ValueError(f"{path} is not a torch checkpoint (torch.save writes a zip archive; "
+                         f"this file starts with {head!r})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data: no code runs
+    except Exception as exc:
+        if "Weights only load failed" in str(exc):
+            raise ValueError(f"{path} holds Python objects other than tensors and plain data "
+                             f"({_unsafe_reason(exc)}): refusing to load it, since unpickling them could run "
+                             "code (lobster-fx checkpoints hold only tensors, numbers and strings)") from exc
+        raise ValueError(f"{path} is not a readable torch checkpoint ({_first_line(exc)})") from exc
+
+
+def load_checkpoint(path: str | Path, *, required: tuple[str, ...] = ("config", "model")) -> dict[str, Any]:
+    """Load a ``lobster-fx train`` checkpoint without running code from it.
+
+    Only tensors and plain data are unpickled (``weights_only=True``); anything else is refused.
+
+    Raises:
+        FileNotFoundError, IsADirectoryError: ``path`` is missing or a directory.
+        ValueError: the file is empty, not a torch checkpoint, holds other Python objects, or
+            lacks one of the ``required`` keys. Every message names ``path``.
+    """
+    path = Path(path)
+    state = _read_checkpoint(path)
+    if not isinstance(state, dict):
+        raise ValueError(  # noqa: TRY004 -- a file with the wrong content, like the checks below
+            f"{path} is not a lobster-fx training checkpoint (it holds a {type(state).__name__}, not a dict)")
+    missing = [key for key in required if key not in state]
+    if missing:
+        keys = ", ".join(map(str, list(state)[:8])) + (", ..." if len(state) > 8 else "")
+        raise ValueError(f"{path} is not a lobster-fx training checkpoint (no {', '.join(map(repr, missing))} "
+                         f"{'key' if len(missing) == 1 else 'keys'}; keys: {keys or 'none'})")
+    if "config" in required and not isinstance(state["config"], dict):
+        raise ValueError(f"{path} is not a lobster-fx training checkpoint (its 'config' is not a dict)")
+    return state
+
+
+def _same_option(name: str, old: Any, new: Any, dataset: str) -> bool:
+    if name == "data_root":
+        if dataset == "digits":  # bundled with scikit-learn: the folder is not used
+            return True
+        if old is None or new is None:
+            return old is new
+        return Path(old).expanduser().resolve() == Path(new).expanduser().resolve()
+    if isinstance(old, str) and isinstance(new, str):
+        return old.lower() == new.lower()
+    return old == new
+
+
+def _check_resume(saved: dict[str, Any], config: TrainConfig, ckpt: Path) -> None:
+    """Refuse to resume ``ckpt`` with run-defining options other than those it was trained with."""
+    changed = [
+        f"{name} {saved[name]!r} -> {value!r}"
+        for name, value in config.to_dict().items()
+        if name not in RESUMABLE_CHANGES and name in saved  # older checkpoints may lack newer fields
+        and not _same_option(name, saved[name], value, config.dataset)
+    ]
+    if changed:
+        raise ValueError(
+            f"cannot resume {ckpt}: options that define the run differ from the checkpoint's "
+            f"(checkpoint -> now): {'; '.join(changed)}. Resume with the checkpoint's values, start over "
+            "(--restart, or train(..., resume=False)), or write to another output directory"
+        )
 
 
 def _rng_states() -> dict[str, Any]:
@@ -169,26 +453,64 @@ def _set_rng_states(state: dict[str, Any]) -> None:
     torch.cuda.set_rng_state_all(cuda_states)
 
 
-def train(
-    config: TrainConfig,
-    *,
-    resume: bool = True,
-    on_epoch: Callable[[dict[str, Any], nn.Module], None] | None = None,
-) -> TrainResult:
-    """Train ``config.model`` with LOBSTER and plateau pruning; see :class:`TrainConfig`.
+class TrainingInterrupted(Exception):
+    """:func:`train` stopped on SIGTERM; ``checkpoint`` (when set) resumes the run.
 
-    With ``out_dir`` set, a checkpoint is written atomically after every epoch
-    and, with ``resume``, an existing one is continued from (the trajectory is
-    the same as an uninterrupted run: the checkpoint holds the shuffling
-    generator and the global torch and CUDA RNG states, which dropout draws from).
+    Attributes:
+        checkpoint: the resumable checkpoint on disk, or None when no epoch was saved yet.
+        epoch: the number of epochs that checkpoint holds (0 without one).
+        signum: the signal that stopped training (``signal.SIGTERM``).
     """
-    start = time.perf_counter()
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
+
+    def __init__(self, message: str, *, checkpoint: Path | None, epoch: int, signum: int) -> None:
+        super().__init__(message)
+        self.checkpoint, self.epoch, self.signum = checkpoint, epoch, signum
+
+
+class _StopRequest:
+    """Set by the SIGTERM handler; the training loop looks at it between steps."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(enabled: bool) -> Iterator[_StopRequest]:
+    """Catch SIGTERM as a stop request while training, then restore the previous handler."""
+    request = _StopRequest()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield request  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, request)
+    try:
+        yield request
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+@dataclass
+class _Run:
+    """The objects a training run is made of, and the state that lives between epochs."""
+
+    splits: Splits
+    gm: nn.Module
+    opt: torch.optim.Optimizer
+    rule: Lobster
+    pruner: PlateauPruner
+    gen: torch.Generator
+    log: list[dict[str, Any]] = field(default_factory=list)
+    epoch0: int = 0
+    elapsed0: float = 0.0
+    cycle_epoch: int = 0
+
+
+def _build_run(config: TrainConfig) -> _Run:
     torch.manual_seed(config.seed)
     splits = load_splits(config)
-    model = build_model(config, splits)
-    gm = instrument(model)
+    gm = instrument(build_model(config, splits))
     if config.channels_last:
         gm.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(gm.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
@@ -202,87 +524,180 @@ def train(
         threshold=config.plateau_threshold, reuse_val_loss=True, search_precision=config.search_precision,
         optimizer=opt,  # rollback also discards the momentum of the discarded epochs
     )
-    gen = torch.Generator().manual_seed(config.seed)
-    log: list[dict[str, Any]] = []
-    epoch0, elapsed0, cycle_epoch = 0, 0.0, 0
+    return _Run(splits, gm, opt, rule, pruner, torch.Generator().manual_seed(config.seed))
+
+
+def _restore(run: _Run, state: dict[str, Any]) -> None:
+    run.gm.load_state_dict(state["model"])
+    run.opt.load_state_dict(state["optimizer"])
+    run.rule.load_state_dict(state["rule"])
+    run.pruner.load_state_dict(state["pruner"])
+    run.gen.set_state(state["generator"])
+    _set_rng_states(state)  # last: nothing after it draws before the first resumed epoch
+    run.log, run.epoch0, run.elapsed0, run.cycle_epoch = state["log"], state["epoch"], state["elapsed"], \
+        state["cycle_epoch"]
+
+
+def _set_cycle_lr(run: _Run, config: TrainConfig) -> None:
+    """Cosine within a prune cycle, restarted after each pruning (plateau length ~ pwe)."""
+    period = max(config.pwe * 2, 1)
+    frac = min(run.cycle_epoch / period, 1.0)
+    factor = config.lr_min_factor + (1 - config.lr_min_factor) * 0.5 * (1 + math.cos(math.pi * frac))
+    for group in run.opt.param_groups:
+        group["lr"] = config.lr * factor
+
+
+def _train_epoch(run: _Run, config: TrainConfig, stop: _StopRequest | None) -> tuple[float, int] | None:
+    """One pass over the training split: (summed loss, samples), or None when ``stop`` was set."""
+    train_loss, n = 0.0, 0
+    for x, y in batches(run.splits.train, config.batch_size, shuffle=True, generator=run.gen):
+        if stop is not None and stop.signum is not None:
+            return None
+        run.opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(run.gm(x), y)
+        loss.backward()
+        run.opt.step()
+        train_loss += float(loss.detach()) * len(y)
+        n += len(y)
+    return train_loss, n
+
+
+def _save(run: _Run, config: TrainConfig, out: Path, epoch: int, elapsed: float) -> None:
+    """checkpoint.pt (everything a resume needs), then log.json; both written atomically."""
+    atomic_save(
+        {
+            "config": config.to_dict(), "model": run.gm.state_dict(), "optimizer": run.opt.state_dict(),
+            "rule": run.rule.state_dict(), "pruner": run.pruner.state_dict(), "generator": run.gen.get_state(),
+            "log": run.log, "epoch": epoch, "elapsed": elapsed, "cycle_epoch": run.cycle_epoch,
+            **_rng_states(),
+        },
+        out / "checkpoint.pt",
+    )
+    atomic_write_text(json.dumps({"config": config.to_dict(), "log": run.log}, indent=1), out / "log.json")
+
+
+def _interrupted(signum: int, ckpt: Path | None, saved: int | None, epoch: int, epochs: int) -> TrainingInterrupted:
+    name = signal.Signals(signum).name
+    if ckpt is None or saved is None:
+        where = "no epoch was saved yet; the same call starts the run afresh"
+    else:
+        where = (f"{ckpt} holds the first {saved} epochs; run the same command again (train() with "
+                 "resume=True) to continue from there")
+    return TrainingInterrupted(f"stopped by {name} in epoch {epoch + 1} of {epochs}: {where}",
+                               checkpoint=ckpt if saved is not None else None, epoch=saved or 0, signum=signum)
+
+
+def _epoch_entry(run: _Run, config: TrainConfig, epoch: int, loss_sum: float, n: int, t0: float) -> dict[str, Any]:
+    """Validate, step the pruner (which may prune and roll back), test, and describe the epoch."""
+    v_loss, v_err = evaluate(run.gm, run.splits.val, config.eval_batch_size)
+    result = run.pruner.step(v_loss)
+    run.cycle_epoch = 0 if result is not None else run.cycle_epoch + 1
+    t_loss, t_err = evaluate(run.gm, run.splits.test, config.eval_batch_size)
+    rep = sparsity_report(run.gm)
+    return {
+        "epoch": epoch + 1,
+        "train_loss": loss_sum / max(n, 1),
+        "val_loss": v_loss,
+        "val_error": v_err,
+        "test_loss": t_loss,
+        "test_error": t_err,
+        "compression": rep.compression_ratio,
+        "nonzero": rep.nonzero,
+        "layers": {layer.name: [layer.nonzero, layer.numel] for layer in rep.layers},  # paper's per-layer table
+        "lr": run.opt.param_groups[0]["lr"],
+        "pruned": None if result is None else result.to_dict(),
+        "epoch_seconds": time.perf_counter() - t0,
+    }
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = True,
+    on_epoch: Callable[[dict[str, Any], nn.Module], None] | None = None,
+) -> TrainResult:
+    """Train ``config.model`` with LOBSTER and plateau pruning; see :class:`TrainConfig`.
+
+    With ``out_dir`` set, a checkpoint is written atomically after every
+    ``checkpoint_every`` epochs and the last one, and, with ``resume``, an existing one
+    is continued from (the trajectory is the same as an uninterrupted run: the
+    checkpoint holds the shuffling generator and the global torch and CUDA RNG
+    states, which dropout draws from). Before the first epoch ``out_dir`` is created,
+    temporary files a killed write left there are removed, and a probe file is
+    written, so that an unwritable directory fails at once.
+
+    Resuming: the checkpoint's config must agree with ``config`` on every option that
+    defines the run (model, dataset, data_root, batch_size, lr, momentum, weight_decay,
+    lmbda, twt, pwe, rollback, plateau_threshold, search_precision, lr_min_factor,
+    val_size, seed, eval_batch_size, channels_last, fused_rule). Only those in
+    :data:`RESUMABLE_CHANGES` may differ: ``epochs`` (extending a run is legitimate),
+    ``max_minutes``, ``out_dir``, ``progress``, ``checkpoint_every`` and ``threads``.
+    Otherwise a ValueError names each differing option with both values.
+
+    SIGTERM (with ``out_dir`` set, in the main thread): when the checkpoint on disk is
+    from the start of the current epoch, the epoch is abandoned at the next step;
+    otherwise it is finished and checkpointed. Then :class:`TrainingInterrupted` is
+    raised, saying where the checkpoint is; resuming from it ends bit-identical to an
+    uninterrupted run. The previous SIGTERM handler is restored on return.
+
+    Raises:
+        ValueError: a resume whose run-defining options differ, or a checkpoint that is
+            not a lobster-fx training checkpoint (or holds code: it is never unpickled).
+        OSError: ``out_dir`` is not writable, or a checkpoint write failed (naming the
+            file and the cause; the previous checkpoint is kept).
+        TrainingInterrupted: SIGTERM arrived.
+    """
+    start = time.perf_counter()
     out = Path(config.out_dir) if config.out_dir else None
     ckpt = out / "checkpoint.pt" if out else None
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-    if ckpt is not None and resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)  # tensors, numbers, strings: no code runs on load
-        gm.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        rule.load_state_dict(state["rule"])
-        pruner.load_state_dict(state["pruner"])
-        gen.set_state(state["generator"])
-        _set_rng_states(state)  # last: nothing after it draws before the first resumed epoch
-        log, epoch0, elapsed0, cycle_epoch = state["log"], state["epoch"], state["elapsed"], state["cycle_epoch"]
-
+    state = None
+    if out is not None:
+        _prepare_out_dir(out)
+        if resume and ckpt.exists():
+            state = load_checkpoint(ckpt, required=_RESUME_KEYS)  # weights_only: no code runs on load
+            _check_resume(state["config"], config, ckpt)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    run = _build_run(config)
+    if state is not None:
+        _restore(run, state)
+    saved = run.epoch0 if state is not None else None  # epochs the checkpoint on disk holds
     bar = None
     if config.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=config.epochs, initial=epoch0, desc=f"{config.model}/{config.dataset}", unit="epoch", mininterval=1.0)
-    gm.train()
-    for epoch in range(epoch0, config.epochs):
-        if config.lr_min_factor < 1.0:
-            # cosine within a prune cycle, restarted after each pruning (plateau length ~ pwe)
-            period = max(config.pwe * 2, 1)
-            frac = min(cycle_epoch / period, 1.0)
-            factor = config.lr_min_factor + (1 - config.lr_min_factor) * 0.5 * (1 + math.cos(math.pi * frac))
-            for group in opt.param_groups:
-                group["lr"] = config.lr * factor
-        t0 = time.perf_counter()
-        train_loss, n = 0.0, 0
-        for x, y in batches(splits.train, config.batch_size, shuffle=True, generator=gen):
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(gm(x), y)
-            loss.backward()
-            opt.step()
-            train_loss += float(loss.detach()) * len(y)
-            n += len(y)
-        v_loss, v_err = evaluate(gm, splits.val, config.eval_batch_size)
-        result = pruner.step(v_loss)
-        cycle_epoch = 0 if result is not None else cycle_epoch + 1
-        t_loss, t_err = evaluate(gm, splits.test, config.eval_batch_size)
-        rep = sparsity_report(gm)
-        entry = {
-            "epoch": epoch + 1,
-            "train_loss": train_loss / max(n, 1),
-            "val_loss": v_loss,
-            "val_error": v_err,
-            "test_loss": t_loss,
-            "test_error": t_err,
-            "compression": rep.compression_ratio,
-            "nonzero": rep.nonzero,
-            "layers": {layer.name: [layer.nonzero, layer.numel] for layer in rep.layers},  # paper's per-layer table
-            "lr": opt.param_groups[0]["lr"],
-            "pruned": None if result is None else result.to_dict(),
-            "epoch_seconds": time.perf_counter() - t0,
-        }
-        log.append(entry)
-        if on_epoch is not None:
-            on_epoch(entry, gm)
-        elapsed = elapsed0 + time.perf_counter() - start
+        bar = tqdm(total=config.epochs, initial=run.epoch0, desc=f"{config.model}/{config.dataset}", unit="epoch",
+                   mininterval=1.0)
+    run.gm.train()
+    try:
+        with _stop_on_sigterm(ckpt is not None) as stop:
+            for epoch in range(run.epoch0, config.epochs):
+                if config.lr_min_factor < 1.0:
+                    _set_cycle_lr(run, config)
+                t0 = time.perf_counter()
+                # abandon the epoch on SIGTERM only when the checkpoint on disk is from its start
+                sums = _train_epoch(run, config, stop if saved == epoch else None)
+                if sums is None:
+                    raise _interrupted(stop.signum, ckpt, saved, epoch, config.epochs)
+                entry = _epoch_entry(run, config, epoch, *sums, t0)
+                run.log.append(entry)
+                if on_epoch is not None:
+                    on_epoch(entry, run.gm)
+                elapsed = run.elapsed0 + time.perf_counter() - start
+                if bar is not None:
+                    bar.set_postfix(val=f"{entry['val_loss']:.3f}", test_err=f"{entry['test_error']:.2f}%",
+                                    comp=f"{entry['compression']:.1f}x")
+                    bar.update(1)
+                stopping = config.max_minutes is not None and elapsed > 60 * config.max_minutes
+                last = stopping or epoch + 1 == config.epochs or stop.signum is not None
+                if ckpt is not None and ((epoch + 1) % config.checkpoint_every == 0 or last):
+                    _save(run, config, out, epoch + 1, elapsed)
+                    saved = epoch + 1
+                if stop.signum is not None:
+                    raise _interrupted(stop.signum, ckpt, saved, epoch, config.epochs)
+                if stopping:
+                    break
+    finally:
         if bar is not None:
-            bar.set_postfix(val=f"{v_loss:.3f}", test_err=f"{t_err:.2f}%", comp=f"{rep.compression_ratio:.1f}x")
-            bar.update(1)
-        stopping = config.max_minutes is not None and elapsed > 60 * config.max_minutes
-        last = stopping or epoch + 1 == config.epochs
-        if ckpt is not None and ((epoch + 1) % config.checkpoint_every == 0 or last):
-            atomic_save(
-                {
-                    "config": config.to_dict(), "model": gm.state_dict(), "optimizer": opt.state_dict(),
-                    "rule": rule.state_dict(), "pruner": pruner.state_dict(), "generator": gen.get_state(),
-                    "log": log, "epoch": epoch + 1, "elapsed": elapsed, "cycle_epoch": cycle_epoch,
-                    **_rng_states(),
-                },
-                ckpt,
-            )
-            _atomic_write_text(json.dumps({"config": config.to_dict(), "log": log}, indent=1), out / "log.json")
-        if stopping:
-            break
-    if bar is not None:
-        bar.close()
-    return TrainResult(gm, splits, log, wall_seconds=elapsed0 + time.perf_counter() - start)
+            bar.close()
+    return TrainResult(run.gm, run.splits, run.log, wall_seconds=run.elapsed0 + time.perf_counter() - start)

@@ -77,7 +77,8 @@ def test_resume_with_dropout_equals_uninterrupted(tmp_path, monkeypatch):
     def config(out: str, n: int) -> TrainConfig:
         # plateaus at epochs 3, 4, 5: prunings on both sides of the checkpoint. No rollback, which would
         # discard a pruning epoch's training and with it the dropout draws this test is about
-        return TrainConfig(model="mlp-dropout", dataset="digits", epochs=n, batch_size=64, lr=0.05, momentum=0.9,
+        # model: a registered name (TrainConfig checks it); build_model above replaces the model it names
+        return TrainConfig(model="lenet300", dataset="digits", epochs=n, batch_size=64, lr=0.05, momentum=0.9,
                            lmbda=1e-3, pwe=1, plateau_threshold=0.5, rollback=False, progress=False, threads=1,
                            out_dir=str(tmp_path / out))
 
