@@ -278,14 +278,20 @@ def instrument(model: nn.Module, *, filter_fn: FilterFn | None = None) -> Lobste
         holds an :class:`InstrumentSummary` (``print(gm.meta["lobster"])``).
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
+        TypeError: ``model`` is not an ``nn.Module``, or is one ``instrument`` cannot
+            rewrite correctly: a ``DistributedDataParallel`` / ``DataParallel`` /
+            ``torch.compile`` wrapper (instrument the module, then wrap the result)
+            or a ``torch.jit`` scripted / traced module (instrument the ``nn.Module``
+            before scripting).
         ValueError: no parameter is prunable, or one cannot be masked (the
-            message names the module and the parameter).
+            message names the module and the parameter), or a parameter is on the
+            ``meta`` device (materialise the model first: its masks would have no data).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"lobster_fx.instrument expects a torch.nn.Module, got {type(model).__name__}")
     if isinstance(unwrap(model), GraphModule) and "lobster" in getattr(unwrap(model), "meta", {}):
         raise ValueError("model is already instrumented by lobster_fx (call instrument on the original model)")
+    _refuse_unsupported(model)
     modules = dict(model.named_modules())
     prunable: dict[int, str] = {}  # id(param) -> original fqn (first name of a tied parameter)
     owners: dict[int, str] = {}
@@ -401,6 +407,43 @@ def instrument(model: nn.Module, *, filter_fn: FilterFn | None = None) -> Lobste
     gm.meta["lobster"] = summary
     _use_original_keys(gm, "opaque." if traced.summary.opaque and "" in traced.summary.opaque else "")
     return gm
+
+
+def _refuse_unsupported(model: nn.Module) -> None:
+    """TypeError / ValueError, before anything is traced or changed, for a model that
+    ``instrument`` would mask wrongly or fail on with an obscure message."""
+    wrappers = {
+        nn.parallel.DistributedDataParallel: "DistributedDataParallel",
+        nn.DataParallel: "DataParallel",
+    }
+    for cls, name in wrappers.items():
+        if isinstance(model, cls):
+            # the user's wrapper would keep running the original, unmasked module
+            raise TypeError(
+                f"lobster_fx.instrument got a {name} wrapper: instrument the module before wrapping it "
+                f"(gm = lobster_fx.instrument(model), then {name}(gm, ...)); unwrapping here would leave "
+                f"your {name} running the original, unmasked module"
+            )
+    if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+        raise TypeError(
+            "lobster_fx.instrument got a torch.compile wrapper (OptimizedModule): instrument the module before "
+            "compiling it (gm = lobster_fx.instrument(model), then torch.compile(gm)); the compiled wrapper "
+            "would keep running the original, unmasked module"
+        )
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            f"lobster_fx.instrument: scripted modules (torch.jit.ScriptModule, here {type(model).__name__} from "
+            "torch.jit.script or torch.jit.trace) are not supported: instrument the nn.Module before scripting "
+            "or tracing it"
+        )
+    for fqn, p in model.named_parameters():
+        if p.is_meta:
+            raise ValueError(
+                f"lobster_fx.instrument: parameter {fqn!r} is on the meta device (no data): its mask would be "
+                "created there too and hold uninitialised memory once the model is materialised. Materialise "
+                "the model first (model.to_empty(device=...), then load its weights with "
+                "model.load_state_dict(...)), then call lobster_fx.instrument(model)"
+            )
 
 
 def _use_original_keys(gm: LobsterGraphModule, strip: str) -> None:

@@ -57,16 +57,25 @@ Example::
 
 from __future__ import annotations
 
+import gc
 import math
 import types
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from lobster_fx.instrument import MaskedParam, lobster_info, mask_has_zeros, masked_parameters, unwrap
+from lobster_fx.instrument import (
+    MaskedParam,
+    lobster_info,
+    mask_has_zeros,
+    masked_parameters,
+    unwrap,
+)
+from lobster_fx.prune import check_real
 
 __all__ = ["Lobster", "lobster_delta", "FUSE_MIN_NUMEL"]
 
@@ -190,6 +199,20 @@ def _update_reads_weights(optimizer: torch.optim.Optimizer) -> bool:
     return any(group.get("weight_decay", 0) != 0 for group in optimizer.param_groups)
 
 
+# every Lobster whose hooks are on an optimizer (remove() takes it out). Weak: a rule dropped
+# together with its optimizer leaves by itself. Used to refuse a second rule on one optimizer
+_ATTACHED: weakref.WeakSet[Lobster] = weakref.WeakSet()
+
+
+def _attached_rules() -> list[Lobster]:
+    return [rule for rule in list(_ATTACHED) if rule._handles]
+
+
+def _names(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
 def _compile_private(fn):
     # dynamo's cache (and its recompile limit of 8) is per code object: a private copy per
     # Lobster keeps models in one process from evicting each other's kernels
@@ -223,6 +246,19 @@ class Lobster:
 
     ``remove()`` detaches the hooks; ``state_dict()`` / ``load_state_dict()``
     save and restore ``lmbda``, the step count and the seed.
+
+    One rule per optimizer: a second ``Lobster`` on an optimizer that already has one
+    attached over the same parameters would apply the term twice per step, so it is
+    refused (ValueError naming the optimizer and the parameters) until the first is
+    ``remove()``-d. A rule on *another* optimizer holding the same parameters is
+    allowed (each optimizer's step applies its own update and the term) but warns.
+
+    Raises:
+        TypeError: ``optimizer`` is not an optimizer, ``gm`` is not instrumented, or
+            ``lmbda`` / ``seed`` / ``fused`` has the wrong type (``lmbda="abc"``,
+            ``lmbda=True``); the message names the argument.
+        ValueError: ``lmbda`` is negative or not finite, the optimizer holds none of
+            ``gm``'s prunable parameters, or it already has a rule over them.
     """
 
     def __init__(self, gm: nn.Module, optimizer: torch.optim.Optimizer, lmbda: float = 1e-4, *,
@@ -233,7 +269,8 @@ class Lobster:
         self.lmbda = self._check_lmbda(lmbda)
         self.seed = self._check_seed(seed)
         in_optimizer = self._optimizer_param_ids(optimizer)
-        if not any(id(p) in in_optimizer for _, p, _ in masked_parameters(self.gm)):
+        mine = {id(p): info.name for info, p, _ in masked_parameters(self.gm) if id(p) in in_optimizer}
+        if not mine:
             raise ValueError(
                 "the optimizer holds none of the instrumented model's prunable parameters; "
                 "build it from gm.parameters() of the module returned by lobster_fx.instrument"
@@ -244,6 +281,9 @@ class Lobster:
                 f"Lobster does not support FSDP / DTensor-sharded parameters yet ({sharded[0]!r} is a DTensor): "
                 "its masks are plain tensors. Use DistributedDataParallel (see examples/ddp_torchrun.py)"
             )
+        if fused not in (None, True, False):
+            raise ValueError(f"Lobster: fused must be True, False or None (auto), got {fused!r}")
+        self._refuse_a_second_rule(optimizer, mine)
         self.optimizer = optimizer
         # (owner module, parameter name, mask owner, mask name): resolved once, because string
         # paths cost ~0.3 ms per step on LeNet-300; dict lookups on the owners stay right after
@@ -255,8 +295,6 @@ class Lobster:
         self._scratch: tuple[tuple, list[torch.Tensor] | None] = ((), None)
         # decided once: above the cap the eager rule allocates per step and builds no per-step key
         self._keep_scratch = sum(p.numel() for _, p, _ in masked_parameters(self.gm)) <= SCRATCH_MAX_NUMEL
-        if fused not in (None, True, False):
-            raise ValueError(f"Lobster: fused must be True, False or None (auto), got {fused!r}")
         if fused is None:
             fused = sum(p.numel() for _, p, _ in masked_parameters(self.gm)) >= FUSE_MIN_NUMEL
         self.fused = bool(fused)
@@ -267,18 +305,62 @@ class Lobster:
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
         ]
+        _ATTACHED.add(self)
+
+    def _shared_with(self, other: Lobster, mine: dict[int, str]) -> list[str]:
+        """Names of the parameters in ``mine`` (id -> name) that ``other`` applies the term to."""
+        theirs = self._optimizer_param_ids(other.optimizer)
+        return [mine[id(p)] for _, p, _ in masked_parameters(other.gm) if id(p) in mine and id(p) in theirs]
+
+    def _refuse_a_second_rule(self, optimizer: torch.optim.Optimizer, mine: dict[int, str]) -> None:
+        """ValueError if a rule is attached to ``optimizer`` over some of the same parameters
+        (the term would be applied twice per step); a warning if one is attached to another
+        optimizer over them. Runs before any hook is registered: a refusal changes nothing."""
+        found = self._attached_over(mine, optimizer, same=True)
+        if found:
+            other, shared = found
+            raise ValueError(
+                f"Lobster: this {type(optimizer).__name__} optimizer (id {id(optimizer):#x}) already has a rule "
+                f"attached, {other!r}, over the same parameters ({_names(shared)}): a second rule would apply "
+                "the LOBSTER term twice at every step. Call .remove() on the attached rule first (its "
+                "state_dict() carries lmbda and the step count over to a new one), or keep one rule per optimizer"
+            )
+        if not self._attached_over(mine, optimizer, same=False):
+            return
+        # a rule dropped with its optimizer but not collected yet (a reference cycle) is no rule. No
+        # strong reference to one may be held here (hence the helper, whose loop variable dies with it)
+        gc.collect()
+        found = self._attached_over(mine, optimizer, same=False)
+        if found:
+            other, shared = found
+            warnings.warn(
+                f"Lobster: parameters {_names(shared)} are also in another optimizer "
+                f"({type(other.optimizer).__name__}, id {id(other.optimizer):#x}) with a rule attached, "
+                f"{other!r}: every step of either optimizer applies the LOBSTER term to them. "
+                "Call .remove() on the rule you no longer use",
+                RuntimeWarning, stacklevel=4,
+            )
+
+    def _attached_over(self, mine: dict[int, str], optimizer: torch.optim.Optimizer,
+                       same: bool) -> tuple[Lobster, list[str]] | None:
+        """An attached rule on ``optimizer`` (``same``) or on another one applying the term
+        to some of the parameters ``mine``, and their names; None if there is none."""
+        for other in _attached_rules():
+            if (other.optimizer is optimizer) == same:
+                shared = self._shared_with(other, mine)
+                if shared:
+                    return other, shared
+        return None
 
     @staticmethod
-    def _check_lmbda(lmbda: float) -> float:
-        lmbda = float(lmbda)
-        if not math.isfinite(lmbda) or lmbda < 0:
-            raise ValueError(f"Lobster: lmbda must be a finite number >= 0, got {lmbda}")
-        return lmbda
+    def _check_lmbda(lmbda: float, who: str = "Lobster") -> float:
+        # a real number, not a bool or a string: TypeError / ValueError naming lmbda
+        return check_real(lmbda, "lmbda", who, minimum=0)
 
     @staticmethod
     def _check_seed(seed: int) -> int:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
-            raise ValueError(f"Lobster: seed must be an int in [0, 2**64), got {seed!r}")
+            raise ValueError(f"Lobster: seed must be an int in [0, 2**64), got {seed!r} ({type(seed).__name__})")
         return seed
 
     @staticmethod
@@ -484,13 +566,14 @@ class Lobster:
         for h in self._handles:
             h.remove()
         self._handles = []
+        _ATTACHED.discard(self)  # the optimizer is free for another rule
 
     def state_dict(self) -> dict[str, Any]:
         # the step count and the seed are all the stochastic rounding needs to resume exactly
         return {"lmbda": self.lmbda, "steps": self.steps, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.lmbda = self._check_lmbda(state["lmbda"])
+        self.lmbda = self._check_lmbda(state["lmbda"], "Lobster.load_state_dict")
         self.steps = int(state["steps"])
         if "seed" in state:  # checkpoints written before half-precision support have none
             self.seed = self._check_seed(int(state["seed"]))

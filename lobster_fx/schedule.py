@@ -30,7 +30,17 @@ import torch
 from torch import nn
 
 from lobster_fx.instrument import unwrap
-from lobster_fx.prune import Evaluate, PruneResult, _all_reduce_mean, prune
+from lobster_fx.prune import (
+    Evaluate,
+    PruneResult,
+    _all_reduce_mean,
+    _as_real,
+    check_evaluate,
+    check_flag,
+    check_int,
+    check_real,
+    prune,
+)
 
 __all__ = ["PlateauPruner"]
 
@@ -88,31 +98,31 @@ class PlateauPruner:
         optimizer: torch.optim.Optimizer | None = None,
         sync_distributed: bool = True,
     ) -> None:
-        if not callable(evaluate):
-            raise TypeError("PlateauPruner: evaluate must be a callable model -> float")
-        if not math.isfinite(float(twt)) or twt < 0:
-            raise ValueError(f"PlateauPruner: twt must be a finite number >= 0, got {twt}")
-        if int(pwe) < 1:
-            raise ValueError(f"PlateauPruner: pwe must be >= 1, got {pwe}")
-        if not 0.0 <= float(threshold) < 1.0:
-            raise ValueError(f"PlateauPruner: threshold must be in [0, 1), got {threshold}")
-        if every_n_iterations is not None and int(every_n_iterations) < 1:
-            raise ValueError(f"PlateauPruner: every_n_iterations must be >= 1, got {every_n_iterations}")
+        who = "PlateauPruner"
+        check_evaluate(evaluate, who)
+        twt = check_real(twt, "twt", who, minimum=0)
+        pwe = check_int(pwe, "pwe", who, minimum=1)
+        rollback = check_flag(rollback, "rollback", who)
+        if every_n_iterations is not None:
+            every_n_iterations = check_int(every_n_iterations, "every_n_iterations", who, minimum=1)
+        threshold = check_real(threshold, "threshold", who, minimum=0, below=1)
+        reuse_val_loss = check_flag(reuse_val_loss, "reuse_val_loss", who)
+        search_precision = check_real(search_precision, "search_precision", who, minimum=0, below=1)
+        sync_distributed = check_flag(sync_distributed, "sync_distributed", who)
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"PlateauPruner: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            raise TypeError(f"PlateauPruner: optimizer must be a torch.optim.Optimizer or None, "
+                            f"got {optimizer!r} ({type(optimizer).__name__})")
         self.gm = unwrap(gm)
         self.evaluate = evaluate
-        self.twt = float(twt)
-        self.pwe = int(pwe)
-        self.rollback = bool(rollback)
+        self.twt = twt
+        self.pwe = pwe
+        self.rollback = rollback
         self.every_n_iterations = every_n_iterations
-        self.threshold = float(threshold)
+        self.threshold = threshold
         self.reuse_val_loss = reuse_val_loss
-        if not 0.0 <= float(search_precision) < 1.0:
-            raise ValueError(f"PlateauPruner: search_precision must be in [0, 1), got {search_precision}")
-        self.search_precision = float(search_precision)
+        self.search_precision = search_precision
         self.optimizer = optimizer
-        self.sync_distributed = bool(sync_distributed)
+        self.sync_distributed = sync_distributed
         self.best: float = math.inf
         self.bad_epochs = 0
         self.calls = 0
@@ -145,24 +155,37 @@ class PlateauPruner:
 
     def step(self, val_loss: float | None = None) -> PruneResult | None:
         """Call once per epoch with the validation loss (or once per iteration
-        in ``every_n_iterations`` mode). Returns the prune result when it pruned."""
+        in ``every_n_iterations`` mode). Returns the prune result when it pruned.
+
+        All or nothing: if anything raises (a bad ``val_loss``, the rollback, the
+        pruning phase), the model (weights and masks), the optimizer state and the
+        counters are as they were before the call."""
         counters = (self.calls, self.bad_epochs, self.best)
+        try:
+            return self._step(val_loss)
+        except BaseException:
+            self.calls, self.bad_epochs, self.best = counters
+            raise
+
+    def _step(self, val_loss: float | None) -> PruneResult | None:
         self.calls += 1
         if self.every_n_iterations is not None:
             if self.calls % self.every_n_iterations:
                 return None
-            return self._prune_or_undo(None, counters, None)
+            return self._prune_or_undo(None, None)
         if val_loss is None:
             raise ValueError("PlateauPruner.step(val_loss): val_loss is required in plateau mode")
-        val_loss = float(val_loss)
+        loss = _as_real(val_loss)
+        if loss is None:
+            raise TypeError(f"PlateauPruner.step: val_loss must be a finite float, got {val_loss!r} "
+                            f"({type(val_loss).__name__})")
         if self.sync_distributed:
             # before the finiteness check: a NaN on one rank reaches all, so all raise together
-            val_loss = _all_reduce_mean(val_loss)
-        if not math.isfinite(val_loss):
-            self.calls -= 1
-            raise ValueError(f"PlateauPruner.step: val_loss is {val_loss} (averaged over ranks if distributed)")
-        if val_loss < self.best * (1 - self.threshold):  # best starts at inf
-            self.best = val_loss
+            loss = _all_reduce_mean(loss)
+        if not math.isfinite(loss):
+            raise ValueError(f"PlateauPruner.step: val_loss is {loss} (averaged over ranks if distributed)")
+        if loss < self.best * (1 - self.threshold):  # best starts at inf
+            self.best = loss
             self.bad_epochs = 0
             if self.rollback:
                 self._take_best()
@@ -175,26 +198,26 @@ class PlateauPruner:
         if self.rollback and self._best_state is not None:
             # rollback overwrites the model in place: keep what to put back if pruning fails
             before = (self._snapshot(), self._optimizer_snapshot())
-            self._restore(self._best_state, self._best_optimizer_state)
             if self.reuse_val_loss:
                 loss_before = self.best
-        return self._prune_or_undo(loss_before, counters, before)
+        return self._prune_or_undo(loss_before, before)
 
     def _prune_or_undo(
         self,
         loss_before: float | None,
-        counters: tuple[int, int, float],
         before: tuple[dict[str, torch.Tensor], dict[str, Any] | None] | None,
     ) -> PruneResult:
-        """The pruning phase; on any error the state from before ``step()`` comes back."""
+        """Roll back (when ``before`` is given) and run the pruning phase; on any error,
+        the rollback's restore included, the model and optimizer state of ``before`` come back."""
         try:
+            if before is not None:
+                self._restore(self._best_state, self._best_optimizer_state)
             result = prune(self.gm, self.evaluate, self.twt, loss_before=loss_before,
                            sync_distributed=self.sync_distributed, precision=self.search_precision)
         except BaseException:
             # prune() itself undid its own changes (to the rolled-back state); undo the rollback too
             if before is not None:
                 self._restore(*before)
-            self.calls, self.bad_epochs, self.best = counters
             raise
         self.history.append({"call": self.calls, **result.to_dict()})
         self.best = result.loss_after
@@ -223,13 +246,27 @@ class PlateauPruner:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("twt", "pwe", "rollback", "every_n_iterations", "threshold", "best", "bad_epochs", "calls"):
-            setattr(self, key, state[key])
-        # keys added later: an older checkpoint keeps this pruner's own settings
-        self.reuse_val_loss = state.get("reuse_val_loss", self.reuse_val_loss)
-        self.search_precision = float(state.get("search_precision", self.search_precision))
-        self.history = [dict(h) for h in state["history"]]
-        best = state["best_state"]
-        self._best_state = None if best is None else {k: v.clone() for k, v in best.items()}
-        best_optimizer = state.get("best_optimizer_state")
-        self._best_optimizer_state = None if best_optimizer is None else copy.deepcopy(best_optimizer)
+        """Restore what :meth:`state_dict` saved. Every setting is checked first (the
+        message names it), so a bad checkpoint leaves this pruner as it was."""
+        who = "PlateauPruner.load_state_dict"
+        every = state["every_n_iterations"]
+        best, best_optimizer = state["best_state"], state.get("best_optimizer_state")
+        settings = {
+            "twt": check_real(state["twt"], "twt", who, minimum=0),
+            "pwe": check_int(state["pwe"], "pwe", who, minimum=1),
+            "rollback": check_flag(state["rollback"], "rollback", who),
+            "every_n_iterations": None if every is None else check_int(every, "every_n_iterations", who, minimum=1),
+            "threshold": check_real(state["threshold"], "threshold", who, minimum=0, below=1),
+            "best": float(state["best"]),  # inf until the first epoch
+            "bad_epochs": check_int(state["bad_epochs"], "bad_epochs", who, minimum=0),
+            "calls": check_int(state["calls"], "calls", who, minimum=0),
+            # keys added later: an older checkpoint keeps this pruner's own settings
+            "reuse_val_loss": check_flag(state.get("reuse_val_loss", self.reuse_val_loss), "reuse_val_loss", who),
+            "search_precision": check_real(state.get("search_precision", self.search_precision),
+                                           "search_precision", who, minimum=0, below=1),
+            "history": [dict(h) for h in state["history"]],
+            "_best_state": None if best is None else {k: v.clone() for k, v in best.items()},
+            "_best_optimizer_state": None if best_optimizer is None else copy.deepcopy(best_optimizer),
+        }
+        for key, value in settings.items():
+            setattr(self, key, value)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import copy
 import inspect
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +85,10 @@ def forward(self, *args, **kwargs):
         return self._lobster_forward_train(*args, **kwargs)
     return self._lobster_forward_eval(*args, **kwargs)
 """
+
+
+# set while the outermost LobsterGraphModule._apply runs: nested ones leave the re-tying to it
+_APPLYING = threading.local()
 
 
 class LobsterGraphModule(GraphModule):
@@ -180,6 +185,47 @@ class LobsterGraphModule(GraphModule):
         super().train(mode)
         self.sync_mode_graph()
         return self
+
+    def _apply(self, fn: Any, recurse: bool = True) -> LobsterGraphModule:
+        """``nn.Module._apply`` (``.to()``, ``.cuda()``, ``.double()``, ``to_empty()``), keeping
+        buffers that one tensor holds in several modules one tensor.
+
+        ``nn.Module._apply`` converts each module's buffers on their own, so a mask shared by a
+        graph and a tied use's parametrization (``MaskedParam.also_masked_in``) became two
+        tensors after ``.to()``: pruning then cleared only one of them. The outermost
+        LobsterGraphModule of the call does this (nested ones just convert)."""
+        if getattr(_APPLYING, "active", False) or not recurse:
+            return super()._apply(fn, recurse)
+        places: dict[int, list[tuple[nn.Module, str]]] = {}
+        for mod in self.modules():
+            for name, buf in mod._buffers.items():
+                if buf is not None:
+                    places.setdefault(id(buf), []).append((mod, name))
+        shared = [group for group in places.values() if len(group) > 1]
+        _APPLYING.active = True
+        try:
+            out = super()._apply(fn, recurse)
+        finally:
+            _APPLYING.active = False
+        for (first, first_name), *others in shared:
+            for mod, name in others:
+                mod._buffers[name] = first._buffers[first_name]
+        return out
+
+    def to_empty(self, *, device: Any, recurse: bool = True) -> LobsterGraphModule:
+        """``nn.Module.to_empty``, then every mask reset to ones (not pruned).
+
+        ``to_empty`` leaves every tensor uninitialised, the masks included, and a checkpoint
+        of the original model (no masks) loads while masks stay as they are: without the reset
+        they would hold whatever memory they got, and the outputs be silently wrong. Loading a
+        checkpoint of the instrumented model afterwards restores its masks as usual."""
+        out = super().to_empty(device=device, recurse=recurse)
+        info = self.meta.get("lobster")
+        if info is not None:
+            with torch.no_grad():
+                for entry in info.params.values():
+                    self.get_buffer(entry.mask_path).fill_(1)
+        return out
 
     def sync_mode_graph(self) -> None:
         """Make ``self.graph`` (and ``self.code``) the ones of ``self.training``.
