@@ -23,6 +23,7 @@ from torch import nn
 import lobster_fx
 from lobster_fx.data import TensorData, batches
 from lobster_fx.models import LeNet300
+from lobster_fx.train import atomic_save
 
 N_TRAIN, N_VAL, FEATURES, CLASSES, BATCH = 512, 256, 784, 10, 64
 SEPARATION = 0.08  # learnable within a few epochs, with several plateaus in 12
@@ -65,7 +66,7 @@ def run(out: str, epochs: int, save: str | None, resume: str | None, skip: set[s
     train, gm, opt, rule, pruner, gen, evaluate = build(init_seed=0 if resume is None else 777)
     start = 0
     if resume:
-        ckpt = torch.load(resume, weights_only=False)
+        ckpt = torch.load(resume, weights_only=True)  # tensors and plain data: no code runs
         if "model" not in skip:
             gm.load_state_dict(ckpt["model"])
         if "optimizer" not in skip:
@@ -88,8 +89,8 @@ def run(out: str, epochs: int, save: str | None, resume: str | None, skip: set[s
         if pruner.step(evaluate(gm)) is not None:
             prune_epochs.append(epoch)
 
-    if save:
-        torch.save(
+    if save:  # written as lobster-fx train writes its checkpoints: atomically, through a temporary file
+        atomic_save(
             {
                 "model": gm.state_dict(),
                 "optimizer": opt.state_dict(),

@@ -35,10 +35,10 @@ def test_train_resume_export_report(tmp_path, capsys):
     common = ["train", "--model", "lenet300", "--dataset", "digits", "--batch-size", "32", "--lr", "0.05",
               "--lmbda", "1e-3", "--pwe", "2", "--out", str(out), "--no-progress"]
     assert main(common + ["--epochs", "3"]) == 0
-    first = torch.load(out / "checkpoint.pt", weights_only=False)
+    first = torch.load(out / "checkpoint.pt", weights_only=True)  # tensors and plain data only
     assert first["epoch"] == 3
     assert main(common + ["--epochs", "5"]) == 0  # resumes at epoch 3
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 5 and [e["epoch"] for e in state["log"]] == [1, 2, 3, 4, 5]
     assert state["log"][:3] == first["log"][:3]
     onnx_path = tmp_path / "model.onnx"
@@ -47,8 +47,13 @@ def test_train_resume_export_report(tmp_path, capsys):
     assert main(["report", str(out / "checkpoint.pt"), "--out", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "layers.png").exists() and (tmp_path / "rep" / "training.png").exists()
     assert "compression ratio" in capsys.readouterr().out
+    assert not [p.name for p in (*out.iterdir(), *(tmp_path / "rep").iterdir()) if p.name.endswith(".tmp")]
 
 
-def test_missing_data_root_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="data-root"):
-        main(["train", "--dataset", "mnist", "--out", str(tmp_path / "x"), "--epochs", "1", "--no-progress"])
+def test_missing_data_root_is_a_clear_error(tmp_path, capsys):
+    args = ["train", "--dataset", "mnist", "--out", str(tmp_path / "x"), "--epochs", "1", "--no-progress"]
+    assert main(args) == 1  # one line, no traceback
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lobster-fx train: error: ") and "--data-root" in err, err
+    with pytest.raises(ValueError, match="data-root"):  # --debug: the exception itself, with its traceback
+        main(["--debug", *args])

@@ -64,7 +64,7 @@ def _wait_all(procs: dict[str, subprocess.Popen]) -> None:
 
 
 def _load(path: Path) -> dict:
-    return torch.load(path, weights_only=False)
+    return torch.load(path, weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +89,7 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     for part in controls:
         out[f"no_{part}_state"] = _load(f"{resumed}.no_{part}.pt")
     out["ckpt"] = _load(ckpt)
+    out["leftovers"] = sorted(p.name for p in d.iterdir() if p.name.endswith(".tmp"))
     return out
 
 
@@ -125,6 +126,10 @@ def test_pruned_entries_are_exactly_zero(runs):
     for name, mask in masks.items():
         p = state[name]  # LeNet300 traces flat: parameters keep their original names
         assert torch.equal(p[mask == 0], torch.zeros_like(p[mask == 0])), name
+
+
+def test_no_temporary_files_left_behind(runs):
+    assert runs["leftovers"] == []
 
 
 @pytest.mark.parametrize("variant", ["no_pruner_state", "no_generator_state"])

@@ -98,3 +98,5 @@ def test_resume_with_dropout_equals_uninterrupted(tmp_path, monkeypatch):
     assert full_state.keys() == resumed_state.keys()
     for k, v in full_state.items():
         assert torch.equal(resumed_state[k], v), k  # bit for bit
+    for out in ("full", "parts"):  # every write went through a temporary file, and none is left
+        assert not [p.name for p in (tmp_path / out).iterdir() if p.name.endswith(".tmp")]
