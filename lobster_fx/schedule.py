@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lobster_fx.instrument import unwrap
+from lobster_fx.instrument import lobster_info, unwrap
 from lobster_fx.prune import (
     Evaluate,
     PruneResult,
@@ -113,6 +113,7 @@ class PlateauPruner:
             raise TypeError(f"PlateauPruner: optimizer must be a torch.optim.Optimizer or None, "
                             f"got {optimizer!r} ({type(optimizer).__name__})")
         self.gm = unwrap(gm)
+        lobster_info(self.gm)  # TypeError now, not at the first pruning, if gm is not instrumented
         self.evaluate = evaluate
         self.twt = twt
         self.pwe = pwe
@@ -219,13 +220,12 @@ class PlateauPruner:
             if before is not None:
                 self._restore(*before)
             raise
+        # the new snapshot first (it may run out of memory), then every change at once
+        best = (self._snapshot(), self._optimizer_snapshot()) if self.rollback else (None, None)
+        self._best_state, self._best_optimizer_state = best
         self.history.append({"call": self.calls, **result.to_dict()})
         self.best = result.loss_after
         self.bad_epochs = 0
-        if self.rollback:
-            self._take_best()
-        else:
-            self._best_state = self._best_optimizer_state = None
         return result
 
     def state_dict(self) -> dict[str, Any]:

@@ -218,7 +218,9 @@ class LobsterGraphModule(GraphModule):
         ``to_empty`` leaves every tensor uninitialised, the masks included, and a checkpoint
         of the original model (no masks) loads while masks stay as they are: without the reset
         they would hold whatever memory they got, and the outputs be silently wrong. Loading a
-        checkpoint of the instrumented model afterwards restores its masks as usual."""
+        checkpoint of the instrumented model afterwards restores its masks as usual. Call it
+        on the instrumented module itself: a wrapper's ``to_empty`` (``torch.compile``) would
+        bypass this reset."""
         out = super().to_empty(device=device, recurse=recurse)
         info = self.meta.get("lobster")
         if info is not None:

@@ -172,6 +172,11 @@ def test_plateau_pruner_arguments_are_named(kw, error, message):
     assert str(e.value) == f"PlateauPruner: {message}"
 
 
+def test_plateau_pruner_on_a_model_that_is_not_instrumented_is_refused_at_once():
+    with pytest.raises(TypeError, match="not produced by lobster_fx.instrument"):
+        lobster_fx.PlateauPruner(_model(), lambda m: 1.0)
+
+
 def test_plateau_pruner_accepts_integral_floats_and_keeps_types():
     pruner = lobster_fx.PlateauPruner(lobster_fx.instrument(_model()), lambda m: 1.0, twt=0, pwe=3.0,
                                       every_n_iterations=4, rollback=1)
