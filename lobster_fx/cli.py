@@ -261,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused-rule", choices=["auto", "on", "off"], default="auto",
                    help="the LOBSTER rule as torch.compile kernels (auto: from 2**20 prunable weights up)")
     p.add_argument("--out", required=True)
-    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--restart", action="store_true",
+                   help="start over, ignoring an existing checkpoint (a resume must keep the options that define "
+                        "the run: only --epochs, --max-minutes, --threads and --no-progress may change)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_train)
 

@@ -581,8 +581,8 @@ def _interrupted(signum: int, ckpt: Path | None, saved: int | None, epoch: int, 
     if ckpt is None or saved is None:
         where = "no epoch was saved yet; the same call starts the run afresh"
     else:
-        where = (f"{ckpt} holds the first {saved} epochs; run the same command again (train() with "
-                 "resume=True) to continue from there")
+        where = (f"{ckpt} holds the first {saved} epochs; to continue from there, run the same command "
+                 "(or train() call) again")
     return TrainingInterrupted(f"stopped by {name} in epoch {epoch + 1} of {epochs}: {where}",
                                checkpoint=ckpt if saved is not None else None, epoch=saved or 0, signum=signum)
 

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from lobster_fx.cli import EXIT_ERROR, main
+from lobster_fx.cli import EXIT_ERROR, _model_names, main
 from lobster_fx.train import TrainConfig, train
 
 TRAIN_FLAGS = ["--model", "lenet300", "--dataset", "digits", "--batch-size", "64", "--lr", "0.05", "--lmbda", "1e-3",
@@ -195,3 +195,8 @@ def test_export_and_report_still_work(tmp_path, capsys, checkpoint):
     assert main(["report", str(copy), "--out", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "sparsity.json").exists()
     assert not [p for p in (tmp_path / "rep").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_bench_names_models_apart_when_their_stems_are_the_same():
+    assert _model_names(["a/model.onnx", "b/model.onnx", "c/slim.onnx"]) == {
+        "a/model.onnx": "a/model.onnx", "b/model.onnx": "b/model.onnx", "slim": "c/slim.onnx"}

@@ -289,7 +289,7 @@ def test_cli_sigterm_exits_143_with_one_message_and_resumes(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lobster-fx train: stopped by SIGTERM"), err
-    assert f"{out / 'checkpoint.pt'} holds the first" in lines[0] and "run the same command again" in lines[0]
+    assert f"{out / 'checkpoint.pt'} holds the first" in lines[0] and "run the same command (or train() call) again" in lines[0]
     assert _temporary_files(out) == []
     saved = torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]
     # resume in this process up to one epoch past the checkpoint; extending or shortening --epochs is allowed
