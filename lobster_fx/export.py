@@ -389,18 +389,131 @@ def _dense_infos(model_proto: onnx.ModelProto) -> list[InitializerInfo]:
 # --------------------------------------------------------------------------- input validation
 
 
-def _as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
+@dataclass
+class _Example:
+    """The example inputs: positional ``args`` and keyword ``kwargs``, each a tensor or
+    ``None`` (an unused optional argument: not an input of the ONNX graph)."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    def call(self, model: Any) -> Any:
+        return model(*self.args, **self.kwargs)
+
+    def in_signature_order(self, model: Any) -> _Example:
+        """The keyword inputs in the order of ``model.forward``'s arguments (the legacy
+        exporter orders graph inputs so, and ``torch.export`` mislabels the inputs of a
+        GraphModule given keyword inputs in another order: a slimmed model failed the parity
+        check that way, torch 2.14). Wrappers (DDP, ``torch.compile``) are looked through."""
+        import inspect
+
+        from lobster_fx.instrument import unwrap
+
+        try:
+            order = {name: k for k, name in enumerate(inspect.signature(unwrap(model).forward).parameters)}
+        except (TypeError, ValueError):
+            return self
+        keys = sorted(self.kwargs, key=lambda k: order.get(k, len(order)))
+        return _Example(self.args, {k: self.kwargs[k] for k in keys})
+
+    def map(self, fn: Callable[[Any], Any]) -> _Example:
+        """A copy with ``fn`` applied to every tensor."""
+        f = lambda v: None if v is None else fn(v)
+        return _Example(tuple(f(v) for v in self.args), {k: f(v) for k, v in self.kwargs.items()})
+
+    def tensors(self) -> list[tuple[str, Any]]:
+        """``(label, tensor)`` of every tensor input, in the order ``torch.onnx`` makes them
+        graph inputs (positional, then keyword in the order given); labels are
+        ``input 0`` / ``input 'attention_mask'``."""
+        out = [(f"input {i}", t) for i, t in enumerate(self.args) if t is not None]
+        return out + [(f"input {k!r}", t) for k, t in self.kwargs.items() if t is not None]
+
+    def names(self, model: Any) -> list[str | None]:
+        """The ``forward`` argument name of each tensor of :meth:`tensors` (``None`` where
+        ``model.forward``'s signature does not say)."""
+        import inspect
+
+        try:
+            params = list(inspect.signature(model.forward).parameters.values())
+        except (TypeError, ValueError):
+            params = []
+        names: list[str | None] = []
+        for i, t in enumerate(self.args):
+            if t is not None:
+                p = params[i] if i < len(params) and params[i].kind in (
+                    inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) else None
+                names.append(p.name if p is not None else None)
+        return names + [k for k, t in self.kwargs.items() if t is not None]
+
+    def for_slim(self) -> tuple[Any, ...]:
+        """The inputs in the form :func:`lobster_fx.slim.slim` takes (a trailing dict = kwargs)."""
+        return (*self.args, self.kwargs) if self.kwargs else self.args
+
+    def dynamic_shapes(self, model: Any, batched: Callable[[Any], bool], dim: Any) -> Any:
+        """``torch.export`` dynamic shapes: ``{0: dim}`` for each batched tensor, else None;
+        a tuple for positional inputs, a dict by argument name once there are keyword ones."""
+        spec = lambda v: {0: dim} if v is not None and batched(v) else None
+        if not self.kwargs:
+            return tuple(spec(v) for v in self.args)
+        import inspect
+
+        sig = inspect.signature(model.forward)
+        bound = sig.bind(*self.args, **self.kwargs).arguments
+        out: dict[str, Any] = {}
+        for name, value in bound.items():
+            kind = sig.parameters[name].kind
+            if kind == inspect.Parameter.VAR_POSITIONAL:
+                out[name] = tuple(spec(v) for v in value)
+            elif kind == inspect.Parameter.VAR_KEYWORD:
+                out[name] = {k: spec(v) for k, v in value.items()}
+            else:
+                out[name] = spec(value)
+        return out
+
+
+def _as_example(example_inputs: Any, kwargs: dict[str, Any] | None) -> _Example:
+    """Check and split the example inputs as ``torch.onnx.export`` takes them: a tensor,
+    a tuple / list (its last item a dict of keyword inputs when ``kwargs`` is not given),
+    or a dict of keyword inputs alone; ``None`` marks an unused optional argument."""
     import torch
 
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise TypeError(f"kwargs must be a dict of keyword inputs, got {type(kwargs).__name__}")
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
-        if not example_inputs:
+        args: tuple[Any, ...] = (example_inputs,)
+        kw: dict[str, Any] = {}
+    elif isinstance(example_inputs, dict):
+        if kwargs:
+            raise TypeError("example_inputs is a dict of keyword inputs and kwargs is given too: pass them once")
+        args, kw = (), dict(example_inputs)
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kw = tuple(example_inputs), {}
+        if args and isinstance(args[-1], dict) and not kwargs:
+            args, kw = args[:-1], dict(args[-1])  # torch.onnx.export's convention
+        if not args and not kw and not kwargs:
             raise ValueError("example_inputs is empty: pass a tensor or a tuple of tensors")
-        return tuple(example_inputs)
-    raise TypeError(
-        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
-    )
+    else:
+        raise TypeError(
+            "example_inputs must be a tensor, a tuple of tensors (None for an unused optional "
+            f"argument; a dict as the last item for keyword inputs) or a dict of keyword inputs, "
+            f"got {type(example_inputs).__name__}"
+        )
+    if kwargs:
+        kw = dict(kwargs)
+    for key in kw:
+        if not isinstance(key, str):
+            raise TypeError(f"keyword input names must be strings, got {key!r}")
+    example = _Example(args, kw)
+    where = [(f"input {i}", v) for i, v in enumerate(args)] + [(f"input {k!r}", v) for k, v in kw.items()]
+    for label, v in where:
+        if v is not None and not isinstance(v, torch.Tensor):
+            raise TypeError(
+                f"example_inputs: {label} is a {type(v).__name__}; each input must be a tensor, "
+                "or None for an unused optional argument"
+            )
+    if not example.tensors():
+        raise ValueError("example_inputs has no tensor: pass at least one input tensor")
+    return example
 
 
 def _shape(t: Any) -> str:
@@ -443,9 +556,20 @@ class _Failure:
     kind: str
     got: str
     expected: str | None
+    #: the layer's input and weight, where known (to tell a dtype / device clash from a shape one)
+    input: Any = None
+    weight: Any = None
 
 
-def _locate_failure(model: Any, inputs: tuple[Any, ...]) -> _Failure | None:
+def _layer_weight(mod: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """The weight of a failing layer: the module's, or a functional call's second argument."""
+    import torch
+
+    w = getattr(mod, "weight", None) if mod is not None else (args[1] if len(args) > 1 else kwargs.get("weight"))
+    return w if isinstance(w, torch.Tensor) else None
+
+
+def _locate_failure(model: Any, inputs: _Example) -> _Failure | None:
     """Re-run ``model`` instrumented to find the innermost layer that raised.
 
     Module hooks find failing submodules; for GraphModules an Interpreter also
@@ -488,9 +612,11 @@ def _locate_failure(model: Any, inputs: tuple[Any, ...]) -> _Failure | None:
     try:
         with torch.no_grad():
             if isinstance(model, torch.fx.GraphModule):
-                _Interp(model).run(*inputs)
+                from lobster_fx.slim import _positional
+
+                _Interp(model).run(*_positional(model, inputs.args, inputs.kwargs))
             else:
-                model(*inputs)
+                inputs.call(model)
     except Exception:  # noqa: BLE001 - we only want to know where
         pass
     else:
@@ -501,7 +627,8 @@ def _locate_failure(model: Any, inputs: tuple[Any, ...]) -> _Failure | None:
     if entered:
         name, mod, args = entered[-1]
         got = _shape(args[0]) if args else "no input"
-        return _Failure(name, type(mod).__name__, got, _expected_input(mod, None, args, {}))
+        return _Failure(name, type(mod).__name__, got, _expected_input(mod, None, args, {}),
+                        args[0] if args else None, _layer_weight(mod, (), {}))
     if node_failure:
         n = node_failure["node"]
         args, kwargs = node_failure["args"], node_failure["kwargs"]
@@ -516,20 +643,84 @@ def _locate_failure(model: Any, inputs: tuple[Any, ...]) -> _Failure | None:
         if n.op == "call_module":
             mod = model.get_submodule(n.target)
         first = args[0] if args else None
-        return _Failure(layer, kind, _shape(first), _expected_input(mod, n.target, args, kwargs))
+        return _Failure(layer, kind, _shape(first), _expected_input(mod, n.target, args, kwargs),
+                        first, _layer_weight(mod, args, kwargs))
     return None
 
 
-def _run_example(model: Any, inputs: tuple[Any, ...]) -> Any:
-    """Run the example through ``model``; a ValueError naming the layer if it fails."""
+_DTYPE_METHOD = {"float32": "float()", "float16": "half()", "float64": "double()", "bfloat16": "bfloat16()"}
+
+
+def _dtype_str(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _input_mismatches(model: Any, inputs: _Example) -> list[str]:
+    """The example's dtype / device clashes with ``model``, each said in one sentence.
+
+    A floating input must have the floating dtype of the model's parameters (integer
+    inputs are indices, for embeddings); every input must be on the model's device.
+    Only checked when the model's parameters agree on one dtype / one device."""
+    params = list(model.parameters())
+    floats = {p.dtype for p in params if p.is_floating_point()}
+    devices = {t.device for t in (*params, *model.buffers())}
+    out: list[str] = []
+    for (label, t), name in zip(inputs.tensors(), inputs.names(model)):
+        var = name if label.startswith("input '") else "x"
+        if len(devices) == 1:
+            (device,) = devices
+            if t.device != device:
+                to = "cpu()" if device.type == "cpu" else f"to({str(device)!r})"
+                out.append(f"{label} is on {t.device} but the model is on {device}: pass {var}.{to}")
+                continue
+        if t.is_floating_point() and len(floats) == 1:
+            (dtype,) = floats
+            if t.dtype != dtype:
+                method = _DTYPE_METHOD.get(_dtype_str(dtype), f"to({dtype})")
+                out.append(f"{label} is {_dtype_str(t.dtype)} but the model's parameters are "
+                           f"{_dtype_str(dtype)}: pass {var}.{method}")
+    return out
+
+
+def _layer_mismatch(where: _Failure) -> str | None:
+    """The failing layer's input vs weight dtype / device clash, if that is what it is."""
+    import torch
+
+    x, w = where.input, where.weight
+    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
+        return None
+    if x.device != w.device:
+        return f"its weight is on {w.device} but its input is on {x.device}"
+    if x.is_floating_point() and w.is_floating_point() and x.dtype != w.dtype:
+        return f"its weight is {_dtype_str(w.dtype)} but its input is {_dtype_str(x.dtype)}"
+    return None
+
+
+def _run_example(model: Any, inputs: _Example) -> Any:
+    """Run the example through ``model``; a ValueError naming the cause if it fails: the
+    input whose dtype or device does not match the model's, else the layer and the
+    shape it expects."""
     import torch
 
     try:
         with torch.no_grad():
-            return model(*inputs)
+            return inputs.call(model)
     except Exception as e:  # noqa: BLE001 - every failure here means "bad example_inputs"
         where = _locate_failure(model, inputs)
-        given = ", ".join(_shape(t) for t in inputs)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        cause = f" [{type(e).__name__}: {first}]"
+        mismatches = _input_mismatches(model, inputs)
+        layer_mismatch = _layer_mismatch(where) if where is not None else None
+        if mismatches or layer_mismatch:
+            msg = f"example_inputs do not run through {type(model).__name__}: "
+            if mismatches:
+                msg += "; ".join(mismatches)
+                msg += f" (layer {where.layer!r} ({where.kind}) failed)" if where is not None else ""
+            else:  # a model of mixed dtypes / devices: the failing layer says it
+                msg += f"layer {where.layer!r} ({where.kind}) failed: {layer_mismatch}"
+            raise ValueError(msg + cause) from e
+        given = ", ".join(f"{label.removeprefix('input ')}={_shape(t)}" if label.startswith("input '") else _shape(t)
+                          for label, t in inputs.tensors())
         msg = f"example_inputs of shape {given} do not run through {type(model).__name__}"
         if where is not None:
             msg += f": layer {where.layer!r} ({where.kind})"
@@ -537,9 +728,7 @@ def _run_example(model: Any, inputs: tuple[Any, ...]) -> Any:
                 msg += f" expects input of shape {where.expected} but got {where.got}"
             else:
                 msg += f" failed on input of shape {where.got}"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        msg += f" [{type(e).__name__}: {first}]"
-        raise ValueError(msg) from e
+        raise ValueError(msg + cause) from e
 
 
 def _flatten_outputs(out: Any) -> list[Any]:
@@ -632,43 +821,65 @@ def _has_masks(model: Any) -> bool:
     return any(n.endswith("mask") for n, _ in model.named_buffers())
 
 
+def _batched(inputs: _Example) -> Callable[[Any], bool]:
+    """Which tensors have the batch dimension: those whose first dim is the first
+    tensor's (none if that one is 0-d)."""
+    first = inputs.tensors()[0][1]
+    if not first.dim():
+        return lambda t: False
+    return lambda t: t.dim() >= 1 and t.shape[0] == first.shape[0]
+
+
+def _input_names(model: Any, inputs: _Example, exporter: str) -> list[str | None]:
+    """The ONNX graph input name of each tensor of ``inputs.tensors()``: the ``forward``
+    argument names for keyword / None inputs (the dynamo exporter names inputs after
+    them; the torchscript path passes them); ``input`` / ``input_<i>`` for the
+    torchscript exporter's positional tensors, as always; None where unknown (the
+    parity check then feeds by position)."""
+    n = len(inputs.tensors())
+    if exporter == "torchscript" and not inputs.kwargs and None not in inputs.args:
+        return [f"input_{i}" for i in range(n)] if n > 1 else ["input"]
+    return inputs.names(model)
+
+
 def _torch_export(
-    model: Any, inputs: tuple[Any, ...], *, dynamic_batch: bool, opset: int | None, exporter: str
+    model: Any, inputs: _Example, *, dynamic_batch: bool, opset: int | None, exporter: str
 ) -> onnx.ModelProto:
     """Export with torch.onnx into memory (no file, so no stray ``.onnx.data``)."""
     import io
 
     import torch
 
-    batched = [t.dim() >= 1 and t.shape[0] == inputs[0].shape[0] for t in inputs] if inputs[0].dim() else [False] * len(inputs)
+    batched = _batched(inputs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation / tracer chatter
         try:
             if exporter == "dynamo":
                 dyn = None
                 if dynamic_batch:
-                    batch = torch.export.Dim("batch")
-                    dyn = tuple({0: batch} if b else None for b in batched)
+                    dyn = inputs.dynamic_shapes(model, batched, torch.export.Dim("batch"))
                 prog = torch.onnx.export(
-                    model, inputs, None, dynamo=True, dynamic_shapes=dyn, opset_version=opset,
-                    verbose=False, optimize=True, external_data=False,
+                    model, inputs.args, None, kwargs=inputs.kwargs or None, dynamo=True, dynamic_shapes=dyn,
+                    opset_version=opset, verbose=False, optimize=True, external_data=False,
                 )
                 try:
                     return prog.model_proto
                 finally:
                     del prog
                     _release_onnxscript_matchers()
-            names = [f"input_{i}" for i in range(len(inputs))] if len(inputs) > 1 else ["input"]
+            tensors = inputs.tensors()
+            given = _input_names(model, inputs, exporter)
+            names = [g or f"input_{i}" for i, g in enumerate(given)]
             # output names are required: without them the legacy exporter takes a GraphModule's
             # `.graph` for a TorchScript graph (AttributeError: 'Graph' object has no attribute 'outputs')
             with torch.no_grad():
-                n_out = len(_flatten_outputs(model(*inputs)))
+                n_out = len(_flatten_outputs(inputs.call(model)))
             out_names = [f"output_{i}" for i in range(n_out)] if n_out > 1 else ["output"]
-            axes = {n: {0: "batch"} for n, b in zip(names, batched) if b} if dynamic_batch else None
+            axes = {n: {0: "batch"} for n, (_, t) in zip(names, tensors) if batched(t)} if dynamic_batch else None
             buf = io.BytesIO()
             torch.onnx.export(
-                model, inputs, buf, dynamo=False, input_names=names, output_names=out_names, dynamic_axes=axes,
-                opset_version=opset, do_constant_folding=True,
+                model, inputs.args, buf, kwargs=inputs.kwargs or None, dynamo=False, input_names=names,
+                output_names=out_names, dynamic_axes=axes, opset_version=opset, do_constant_folding=True,
             )
             return onnx.load_from_string(buf.getvalue())
         except Exception as e:  # noqa: BLE001 - explained and re-raised
@@ -698,11 +909,22 @@ def _release_onnxscript_matchers() -> None:
         return
 
 
-def _check_dynamic_batch(proto: onnx.ModelProto, inputs: tuple[Any, ...]) -> None:
+def _match_inputs(graph_inputs: Sequence[Any], given: Sequence[tuple[str | None, Any]]) -> list[tuple[Any, Any]]:
+    """Pair the ONNX graph inputs (objects with ``.name``) with the example tensors: by
+    name when the names are the same set, else by position."""
+    names = [n for n, _ in given]
+    if None not in names and sorted(names) == sorted(g.name for g in graph_inputs):
+        by_name = dict(given)
+        return [(g, by_name[g.name]) for g in graph_inputs]
+    return list(zip(graph_inputs, (t for _, t in given)))
+
+
+def _check_dynamic_batch(proto: onnx.ModelProto, given: Sequence[tuple[str | None, Any]]) -> None:
     init_names = {i.name for i in proto.graph.initializer}
     graph_inputs = [i for i in proto.graph.input if i.name not in init_names]
-    for gi, t in zip(graph_inputs, inputs):
-        if t.dim() == 0 or t.shape[0] != inputs[0].shape[0]:
+    first = given[0][1]
+    for gi, t in _match_inputs(graph_inputs, given):
+        if first.dim() == 0 or t.dim() == 0 or t.shape[0] != first.shape[0]:
             continue
         dims = gi.type.tensor_type.shape.dim
         if dims and dims[0].HasField("dim_value"):
@@ -812,9 +1034,13 @@ def _cast_floating(model: torch.nn.Module, dtype: torch.dtype) -> None:
                 setattr(mod, name, value.to(dtype))
 
 
-def _ort_parity(path: str, inputs: tuple[Any, ...], reference: list[Any], atol: float, rtol: float,
+def _ort_parity(path: str, inputs: Sequence[tuple[str | None, Any]], reference: list[Any], atol: float, rtol: float,
                 parity_fn: Callable[[list[np.ndarray], list[np.ndarray]], float] | None = None) -> float:
-    """Run the written file in ONNX Runtime (CPU); max |ort - torch| or ExportError."""
+    """Run the written file in ONNX Runtime (CPU); max |ort - torch| or ExportError.
+
+    ``inputs`` are ``(ONNX input name or None, tensor)`` (or bare tensors): fed by name
+    when the names match the session's inputs, else in order."""
+    inputs = [(None, t) if not isinstance(t, tuple) else t for t in inputs]
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -827,7 +1053,7 @@ def _ort_parity(path: str, inputs: tuple[Any, ...], reference: list[Any], atol: 
     ins = sess.get_inputs()
     if len(ins) != len(inputs):
         raise ExportError(f"the ONNX model has {len(ins)} inputs, the example has {len(inputs)}")
-    feeds = {i.name: _numpy(t) for i, t in zip(ins, inputs)}
+    feeds = {i.name: _numpy(t) for i, t in _match_inputs(ins, inputs)}
     outs = sess.run(None, feeds)
     if len(outs) != len(reference):
         raise ExportError(f"the ONNX model returns {len(outs)} outputs, torch returns {len(reference)}")
@@ -981,13 +1207,13 @@ def export_onnx(
     parity_fn: Callable[[list[np.ndarray], list[np.ndarray]], float] | None = None,
     external_data: bool | None = None,
     export_dtype: torch.dtype | None = None,
+    kwargs: dict[str, Any] | None = None,
 ) -> ExportReport:
     """Fold, (slim), export, sparsify, check and atomically write one ONNX file.
 
-    Steps: validate ``path`` and ``example_inputs`` (a tensor or a tuple of
-    tensors, with a batch dimension); copy the model and put it in eval mode
-    (``model`` itself is not changed); fold masks into weights
-    (:func:`lobster_fx.fold.fold`, a no-op without masks); remove dead units
+    Steps: validate ``path`` and ``example_inputs`` (see Inputs); copy the
+    model and put it in eval mode (``model`` itself is not changed); fold masks
+    into weights (:func:`lobster_fx.fold.fold`, a no-op without masks); remove dead units
     when ``slim`` (:func:`lobster_fx.slim.slim`); export with ``torch.onnx``
     into memory; move sparse initializers to ``graph.sparse_initializer``
     (``sparse``); run ``onnx.checker``; write a temp file next to ``path``,
@@ -995,6 +1221,29 @@ def export_onnx(
     ``|ort - torch| <= atol + rtol * max|torch|``: relative to the output's scale),
     then ``os.replace`` it onto ``path``. Any failure leaves no file behind and
     an existing ``path`` untouched.
+
+    Inputs, as ``torch.onnx.export`` takes them: ``example_inputs`` is a tensor,
+    a tuple of positional inputs, or a dict of keyword inputs; keyword inputs
+    may also be given as ``kwargs={"attention_mask": am}`` or as a dict that is
+    the tuple's last item. ``None`` in the tuple (or as a keyword value) stands
+    for an unused optional argument: it is passed to ``forward`` as ``None``, is
+    no input of the ONNX graph, and slimming traces the model with it fixed to
+    ``None``. Every other input must be a tensor; tensors whose first dimension
+    is the first tensor's get the dynamic batch dimension. The ONNX inputs are
+    named after ``forward``'s arguments (``input_ids``, ``attention_mask``;
+    the torchscript exporter keeps ``input`` / ``input_<i>`` for positional
+    tensors), and the parity check feeds them by name. E.g. a Hugging Face model::
+
+        export_onnx(model, (input_ids,), path, kwargs={"attention_mask": mask})
+        export_onnx(model, {"input_ids": input_ids, "attention_mask": mask}, path)
+        export_onnx(model, (input_ids, None, token_type_ids), path)
+
+    Masks. ``export_onnx`` is the whole pipeline, so it folds an instrumented
+    model itself (also through a DDP / DataParallel / ``torch.compile``
+    wrapper); the single passes :func:`lobster_fx.slim.slim` and
+    :func:`lobster_fx.sparse.to_sparse_csr` refuse a model with masks instead.
+    An instrumented module nested inside another module, which ``fold`` does not
+    reach, raises :class:`lobster_fx.fold.MaskedModelError`.
 
     Precision. ``atol`` / ``rtol`` default to ``None``: both follow the exported
     model's dtype, :func:`lobster_fx.slim.default_rtol` of the coarsest floating
@@ -1032,8 +1281,11 @@ def export_onnx(
 
     Raises:
         FileNotFoundError: the parent directory of ``path`` does not exist.
-        TypeError / ValueError: bad ``example_inputs`` (the ValueError names the
-            layer and the expected vs given shape when known).
+        TypeError / ValueError: bad ``example_inputs``. When they do not run through
+            the model, the ValueError names the input whose dtype or device is not the
+            model's ("input 0 is float64 but the model's parameters are float32: pass
+            x.float()"), else the layer and the expected vs given shape when known.
+        lobster_fx.fold.MaskedModelError: an instrumented submodule that fold cannot reach.
         ExportError: torch.onnx failed (``.op`` names an unsupported operator),
             the batch dimension got fixed, or the ONNX Runtime parity check failed.
 
@@ -1067,8 +1319,7 @@ def export_onnx(
             + (" (ONNX Runtime's CPU provider has no bfloat16 kernels to check the file with)"
                if export_dtype == torch.bfloat16 else "")
         )
-    inputs = _as_input_tuple(example_inputs)
-    inputs = tuple(t.detach() for t in inputs)
+    inputs = _as_example(example_inputs, kwargs).map(lambda t: t.detach()).in_signature_order(model)
     from lobster_fx.slim import coarsest_float_dtype, default_rtol
 
     if export_dtype is None and any(t.dtype == torch.bfloat16 for t in (*model.parameters(), *model.buffers())):
@@ -1104,7 +1355,7 @@ def export_onnx(
         if export_dtype is not None and cast_from is not None and cast_from != export_dtype:
             # the file is the cast model: slim it, export it and check parity against it in torch
             _cast_floating(work, export_dtype)
-            inputs = tuple(t.to(export_dtype) if t.is_floating_point() else t for t in inputs)
+            inputs = inputs.map(lambda t: t.to(export_dtype) if t.is_floating_point() else t)
             reference = _flatten_outputs(_run_example(work, inputs))
             notes.append(f"exported as {str(export_dtype).removeprefix('torch.')}: the "
                          f"{str(cast_from).removeprefix('torch.')} model cast"
@@ -1118,7 +1369,7 @@ def export_onnx(
             except ImportError as e:
                 raise ImportError("export_onnx(slim=True) needs lobster_fx.slim; pass slim=False") from e
             try:
-                work = _slim(work, inputs)
+                work = _slim(work, inputs.for_slim())
             except Exception as e:  # noqa: BLE001 - re-raised with a hint
                 if hasattr(e, "add_note"):
                     e.add_note("lobster_fx.export_onnx: slimming failed; pass slim=False to export without it")
@@ -1133,6 +1384,8 @@ def export_onnx(
 
         # ---- export into memory
         proto = _torch_export(work, inputs, dynamic_batch=dynamic_batch, opset=opset, exporter=exporter)
+        # (name, tensor) of each ONNX graph input: what the parity check feeds
+        graph_inputs = list(zip(_input_names(work, inputs, exporter), (t for _, t in inputs.tensors())))
         del work  # the proto holds the weights now: one copy fewer for the steps below
         gc.collect()  # GraphModules sit in reference cycles: free the copy now, not at some later collection
     finally:
@@ -1142,7 +1395,7 @@ def export_onnx(
             m.train(t)
 
     if dynamic_batch:
-        _check_dynamic_batch(proto, inputs)
+        _check_dynamic_batch(proto, graph_inputs)
     if strip_debug_info:
         _strip_debug_info(proto)
     dense_bytes = _proto_bytes(proto)
@@ -1198,7 +1451,7 @@ def export_onnx(
                 os.fsync(f.fileno())
             del data
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give a normal file mode
-            max_diff = _ort_parity(tmp, inputs, reference, atol, rtol, parity_fn)
+            max_diff = _ort_parity(tmp, graph_inputs, reference, atol, rtol, parity_fn)
             os.replace(tmp, target)
         except BaseException:
             try:
@@ -1220,7 +1473,7 @@ def export_onnx(
                 except Exception as e:  # noqa: BLE001
                     raise ExportError(f"onnx.checker rejects the saved model: {_first_line(e)}") from e
                 checker = "final file"
-            max_diff = _ort_parity(tmp, inputs, reference, atol, rtol, parity_fn)
+            max_diff = _ort_parity(tmp, graph_inputs, reference, atol, rtol, parity_fn)
             if has_data:
                 data_path = str(parent / Path(tmp_data).name)
                 os.replace(tmp_data, data_path)

@@ -71,6 +71,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import operator
 from dataclasses import dataclass, field
@@ -83,7 +84,7 @@ from torch.fx import GraphModule, Interpreter, Node
 from torch.utils._pytree import tree_flatten
 
 from lobster_fx.fold import require_folded
-from lobster_fx.trace import LobsterGraphModule, trace_model
+from lobster_fx.trace import LobsterGraphModule, _trace_both_modes, trace_model
 
 __all__ = [
     "slim",
@@ -1191,17 +1192,32 @@ def _sync_module_meta(gm: GraphModule, layer: _Layer) -> None:
 # --------------------------------------------------------------------------- #
 
 
-def prepare_inference_graph(model: nn.Module) -> GraphModule:
+def prepare_inference_graph(model: nn.Module, none_args: Iterable[str] = ()) -> GraphModule:
     """A deep copy of ``model`` as an eval-mode GraphModule with only the eval graph.
 
     ``model`` may be a :class:`LobsterGraphModule`, or any other module, plain
     ``GraphModule`` included (traced with :func:`lobster_fx.trace.trace_model`). ``model`` is not
-    modified (not even its training flag)."""
+    modified (not even its training flag).
+
+    ``none_args`` names arguments of ``model.forward`` that will be passed as ``None``
+    (an unused optional input). FX traces every argument as a tensor, so ``if mask is
+    not None`` would keep the tensor branch; a module traced here is traced with those
+    arguments fixed to ``None`` instead (the argument stays in the signature) when the
+    ordinary trace took the whole model (an opaque root runs its own code, which sees
+    the ``None``), falling back to the ordinary trace if that fails."""
     gm = copy.deepcopy(model)
     if not isinstance(gm, LobsterGraphModule):
         # plain GraphModules too: symbolic_trace keeps Linear/Conv as call_module leaves,
         # trace_model traces through them so their weights become get_attr nodes
-        gm = trace_model(gm).module
+        res = trace_model(gm)
+        none_args = set(none_args)
+        if none_args and "" in res.summary.traced and not isinstance(gm, GraphModule):
+            # the root was traced whole, with a proxy for every argument: again with the
+            # None ones fixed (an opaque root runs its own code, which sees the None)
+            traced = _trace_with_none(gm, none_args)
+            gm = traced if traced is not None else res.module
+        else:
+            gm = res.module
     if isinstance(gm, LobsterGraphModule):
         gm.drop_mode(False)
     gm.eval()
@@ -1209,10 +1225,65 @@ def prepare_inference_graph(model: nn.Module) -> GraphModule:
     return gm
 
 
-def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
+def _trace_with_none(model: nn.Module, none_args: set[str]) -> LobsterGraphModule | None:
+    """The whole-model trace of ``model`` with ``none_args`` fixed to None; None if it does
+    not trace (the caller then uses :func:`trace_model`'s)."""
+    try:
+        graphs = _trace_both_modes(model, set(), concrete_args=dict.fromkeys(none_args))
+        return LobsterGraphModule(model, graphs, class_name=type(model).__name__)
+    except Exception:  # noqa: BLE001 - any failure: the ordinary trace (with its fallbacks) decides
+        return None
+
+
+def _split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` from a tensor, a tuple of positional inputs whose last item
+    may be a dict of keyword inputs (``torch.onnx.export``'s convention), or a dict."""
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    return tuple(example_inputs)
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    args = tuple(example_inputs)
+    if args and isinstance(args[-1], dict):
+        return args[:-1], dict(args[-1])
+    return args, {}
+
+
+def _none_names(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+    """Names of the ``forward`` arguments of ``model`` that are None: passed as None,
+    or not passed and None by default."""
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return [k for k, v in kwargs.items() if v is None]
+    bound.apply_defaults()
+    return [k for k, v in bound.arguments.items() if v is None]
+
+
+def _positional(gm: GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """``args`` and ``kwargs`` as the positional inputs of ``gm`` (an fx Interpreter feeds
+    placeholders in order): bound to ``gm.forward``'s signature, defaults filled in."""
+    if not kwargs:
+        return args
+    sig = inspect.signature(gm.forward)
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"example inputs do not fit {type(gm).__name__}.forward{sig}: {e}") from e
+    bound.apply_defaults()
+    out: list[Any] = []
+    for name, p in sig.parameters.items():
+        value = bound.arguments[name]
+        if p.kind == p.VAR_POSITIONAL:
+            out.extend(value)
+        elif p.kind == p.VAR_KEYWORD:
+            if value:
+                raise ValueError(
+                    f"keyword inputs {sorted(value)} go to **{name} of {type(gm).__name__}.forward, which "
+                    "slim's graph interpreter cannot feed: pass them positionally"
+                )
+        else:
+            out.append(value)
+    return tuple(out)
 
 
 def _outputs(gm: nn.Module, inputs: tuple[Any, ...]) -> list[torch.Tensor]:
@@ -1280,8 +1351,10 @@ def slim_with_report(
 ) -> SlimResult:
     """Remove dead units; return the slim module and a :class:`SlimReport`.
 
-    ``example_inputs`` (a tensor or a tuple of positional arguments) are run to
-    get shapes, the constants of dead units, and to check the result: after
+    ``example_inputs`` (a tensor, a tuple of positional arguments, or keyword
+    arguments as ``torch.onnx.export`` takes them: a dict as the tuple's last
+    item, or a dict alone; ``None`` for an unused optional argument, which a
+    module traced here is traced without) are run to get shapes, the constants of dead units, and to check the result: after
     every round ``max|slim - orig| <= atol + rtol * max|orig|`` must hold for
     every output, else :class:`SlimError` is raised (that would be a bug here,
     never a silently wrong model). ``None`` follows the model's dtype: ``rtol``
@@ -1304,8 +1377,9 @@ def slim_with_report(
     pipeline and folds by itself.)"""
     require_folded(model, "slim")
     multiple = _channel_multiple(channel_multiple)
-    inputs = _as_tuple(example_inputs)
-    gm = prepare_inference_graph(model)
+    args, kwargs = _split_inputs(example_inputs)
+    gm = prepare_inference_graph(model, _none_names(model, args, kwargs))
+    inputs = _positional(gm, args, kwargs)
     with torch.no_grad():
         # through the interpreter so that a failure names the node
         ref_out = _Recorder(gm, set()).run(*inputs)
