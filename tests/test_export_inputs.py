@@ -180,3 +180,23 @@ def test_mixed_dtype_model_names_the_layer_and_its_dtypes(tmp_path):
     m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2).double())
     with pytest.raises(ValueError, match=r"layer '2' \(Linear\) failed: its weight is float64 but its input is float32"):
         export_onnx(m, torch.randn(2, 4), tmp_path / "m.onnx", slim=False)
+
+
+# --------------------------------------------------------------------------- slim takes the same forms
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_slim_takes_keyword_and_none_inputs(form):
+    """FX traces every argument as a tensor (``if mask is not None`` keeps the tensor branch):
+    slim traces the model with the None ones fixed, so the slim model is right for them."""
+    from lobster_fx.slim import slim_with_report
+
+    make, names = FORMS[form]
+    m = _hf_like()
+    example, kwargs = make(_inputs(2))
+    if kwargs:
+        example = (*example, kwargs)
+    res = slim_with_report(m, example)
+    assert res.report.params_after < res.report.params_before
+    used = {k: v for k, v in _inputs(4, seed=2).items() if k in names}
+    torch.testing.assert_close(res.module(**used), m(**used), rtol=1e-5, atol=1e-6)
