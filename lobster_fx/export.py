@@ -402,9 +402,10 @@ class _Example:
 
     def in_signature_order(self, model: Any) -> _Example:
         """The keyword inputs in the order of ``model.forward``'s arguments (the legacy
-        exporter orders graph inputs so, and ``torch.export`` mislabels the inputs of a
-        GraphModule given keyword inputs in another order: a slimmed model failed the parity
-        check that way, torch 2.14). Wrappers (DDP, ``torch.compile``) are looked through."""
+        exporter orders graph inputs so, and the dynamo exporter names the ONNX inputs of a
+        GraphModule wrongly when its keyword inputs come in another order: measured, torch
+        2.14, a slimmed model fed by input name disagreed with torch). Wrappers (DDP,
+        ``torch.compile``) are looked through."""
         import inspect
 
         from lobster_fx.instrument import unwrap

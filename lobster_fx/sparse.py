@@ -11,7 +11,8 @@ flattened to 2-D and back.
 Conv layers stay dense: a CSR conv would need im2col (``unfold``), which copies
 the input once per kernel tap; not implemented and not measured. CSR
 tensors cannot be exported to ONNX (notes s.5), so this is for torch inference
-only; slim first (:func:`lobster_fx.slim.slim`), then convert what is left.
+only; fold first (:func:`lobster_fx.fold.fold`: a model with masks is refused), slim
+(:func:`lobster_fx.slim.slim`), then convert what is left.
 
 Measured crossover (300x784 weight, torch 2.14.1 CPU, 2 shared cores, best of
 7 x 300 calls; ``addmm`` = this module's kernel, times in microseconds)::
