@@ -1042,7 +1042,9 @@ def _ort_parity(path: str, inputs: Sequence[tuple[str | None, Any]], reference: 
     ``inputs`` are ``(ONNX input name or None, tensor)`` (or bare tensors): fed by name
     when the names match the session's inputs, else in order."""
     inputs = [(None, t) if not isinstance(t, tuple) else t for t in inputs]
-    import onnxruntime as ort
+    from lobster_fx.runtime import import_onnxruntime
+
+    ort = import_onnxruntime()  # names the [cpu] / [gpu] extra when none is installed
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1

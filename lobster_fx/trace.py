@@ -477,8 +477,12 @@ def _wrap_opaque_root(module: nn.Module) -> LobsterGraphModule:
     """A one-call graph calling ``module``: the root's own code does not trace.
 
     The graph's ``forward`` has the signature of ``module.forward``, ``*args``
-    and ``**kwargs`` included (Hugging Face models take ``**kwargs``)."""
+    and ``**kwargs`` included (Hugging Face models take ``**kwargs``). Without
+    ``*args``, arguments reach ``module`` by keyword, as users call such models:
+    Hugging Face's input-checking decorators put ``use_cache`` into ``kwargs``
+    and fail on "multiple values" when it also came positionally."""
     sig = inspect.signature(module.forward)
+    by_keyword = not any(p.kind is p.VAR_POSITIONAL for p in sig.parameters.values())
     g = Graph()
     args, kwargs = [], {}
     star_args = star_kwargs = None
@@ -490,7 +494,7 @@ def _wrap_opaque_root(module: nn.Module) -> LobsterGraphModule:
         else:
             default = () if p.default is p.empty else (p.default,)
             node = g.placeholder(p.name, default_value=p.default if default else inspect.Signature.empty)
-            if p.kind is p.KEYWORD_ONLY:
+            if p.kind is p.KEYWORD_ONLY or (by_keyword and p.kind is p.POSITIONAL_OR_KEYWORD):
                 kwargs[p.name] = node
             else:
                 args.append(node)

@@ -120,6 +120,27 @@ def test_tiny_transformers_model_with_an_attention_mask(tmp_path):
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_tiny_bert_slims_and_exports_with_an_attention_mask(tmp_path):
+    """BertModel's forward is wrapped by an input-checking decorator that puts ``use_cache``
+    into its kwargs: the opaque-root graph called it positionally and slim failed with
+    "got multiple values for argument 'use_cache'". It now calls by keyword."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64)
+    m = tf.BertModel(cfg).eval()
+    ids = torch.randint(0, 100, (2, 7))
+    am = torch.ones(2, 7, dtype=torch.long)
+    am[1, 4:] = 0
+    rep = export_onnx(m, (ids,), tmp_path / "bert.onnx", kwargs={"attention_mask": am}, slim=True)
+    assert rep.parity_max_abs_diff < 1e-4
+    ref = m(input_ids=ids, attention_mask=am).last_hidden_state.detach().numpy()
+    names = [i.name for i in onnx.load(rep.path).graph.input]
+    feeds = {k: v for k, v in {"input_ids": ids, "attention_mask": am}.items() if k in names}
+    assert "input_ids" in feeds and "attention_mask" in feeds
+    np.testing.assert_allclose(_ort(rep.path, feeds), ref, rtol=1e-4, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- dtype and device
 
 
