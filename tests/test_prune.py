@@ -10,7 +10,7 @@ from torch import nn
 import lobster_fx
 from lobster_fx.instrument import masked_parameters
 
-prune_module = importlib.import_module("lobster_fx.prune")  # lobster_fx.prune is also the function
+prune_module = importlib.import_module("lobster_fx.pruning.prune")
 
 
 def _known_loss_model(seed=0):
@@ -156,7 +156,7 @@ def test_prune_restores_the_active_graph_with_the_mode():
 
 def test_distinct_magnitudes_equal_torch_unique_over_live_entries():
     """The lean candidate list is exactly torch.unique over the unmasked |w| (ties, zeros, masks, dtypes)."""
-    from lobster_fx.prune import distinct_magnitudes
+    from lobster_fx.pruning.prune import distinct_magnitudes
 
     g = torch.Generator().manual_seed(0)
     weights = [

@@ -1,0 +1,235 @@
+"""Prune stage: the pruning phase of LOBSTER (section 4 of the paper).
+
+One global magnitude threshold ``T`` over every unpruned prunable parameter:
+the largest ``T`` such that zeroing every such parameter with ``|w| <= T`` keeps
+the validation loss within ``(1 + twt)`` of the loss before pruning. The
+candidates are the distinct magnitudes; a bisection over them evaluates
+``O(log n)`` of them, and the threshold returned is always one that was
+evaluated and met the bound (the authors' code returned an unevaluated
+midpoint). Pruned parameters are zeroed and their masks cleared: pinned.
+
+Example::
+
+    >>> import torch, lobster_fx
+    >>> torch.manual_seed(0)
+    <torch._C.Generator object at ...>
+    >>> gm = lobster_fx.instrument(torch.nn.Linear(16, 1))
+    >>> x = torch.randn(64, 16); y = gm(x).detach()
+    >>> evaluate = lambda m: float(torch.nn.functional.mse_loss(m(x), y)) + 1.0
+    >>> result = lobster_fx.prune(gm, evaluate, twt=0.05)
+    >>> result.loss_after <= 1.05 * result.loss_before
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lobster_fx.instrument import masked_parameters, unwrap
+from lobster_fx.pruning.checks import check_evaluate, check_flag, check_real
+from lobster_fx.trace import LobsterGraphModule
+
+__all__ = ["PruneResult", "distinct_magnitudes", "prune"]
+
+Evaluate = Callable[[nn.Module], float]
+
+
+@dataclass
+class PruneResult:
+    """Outcome of one pruning phase."""
+
+    threshold: float  #: parameters with ``|w| <= threshold`` were pruned (-inf: none)
+    loss_before: float
+    loss_after: float  #: the evaluated loss at ``threshold`` (no re-evaluation needed)
+    bound: float  #: ``loss_before + twt * |loss_before|``
+    evaluations: int  #: calls to ``evaluate``, ``loss_before`` included
+    pruned: int  #: parameters pruned by this phase
+    remaining: int  #: unpruned prunable parameters after it
+    total: int  #: prunable parameters
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _checked_loss(evaluate: Evaluate, model: nn.Module, what: str) -> float:
+    value = evaluate(model)
+    try:
+        loss = float(value)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"prune: evaluate(model) must return a float loss, got {type(value).__name__}") from e
+    if not math.isfinite(loss):
+        raise ValueError(f"prune: evaluate(model) returned {loss} {what}; the model is left as it was")
+    return loss
+
+
+def _reduction_device(group: Any = None) -> torch.device:
+    """The device a collective of ``group``'s backend accepts tensors on.
+
+    NCCL takes CUDA tensors only (a CPU tensor raises at the first pruning phase),
+    on the device this rank uses; gloo and mpi take CPU tensors. A combined backend
+    (``"cpu:gloo,cuda:nccl"``) that serves the CPU reduces there (no device copy).
+    Decided from the backend's name only, so it is testable without CUDA.
+    """
+    backend = str(torch.distributed.get_backend(group)).lower()
+    if ":" in backend:  # "device:backend" pairs
+        device_types = [pair.split(":", 1)[0].strip() for pair in backend.split(",")]
+    else:
+        device_types = list(torch.distributed.Backend.backend_capability.get(backend, ["cpu"]))
+    if "cpu" in device_types or not device_types:
+        return torch.device("cpu")
+    device_type = device_types[0]
+    if device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device_type, torch.get_device_module(device_type).current_device())
+
+
+def _all_reduce_mean(loss: float) -> float:
+    """Average the loss over ranks so every rank takes the same decision."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return loss
+    # float64 on every backend's device: NCCL supports it, and the mean keeps a float's digits
+    t = torch.tensor([loss], dtype=torch.float64, device=_reduction_device())
+    torch.distributed.all_reduce(t)
+    return float(t.item() / torch.distributed.get_world_size())
+
+
+@torch.no_grad()
+def distinct_magnitudes(weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The sorted distinct ``|w|`` over the entries whose mask is not 0: the threshold candidates.
+
+    In the weights' common dtype (every candidate is exactly one of them) and sorted in
+    place (no int64 sort indices). On 100.7M float32 weights (403 MB) the extra peak
+    memory is 0.87 GB (2.9 s); ``torch.unique`` over a float64 ``torch.cat`` of them
+    took 3.5 GB (15.8 s), and ran ViT-H/14's 630M weights out of a 24 GB machine.
+
+        >>> distinct_magnitudes([torch.tensor([-2.0, 1.0, 2.0, 3.0])], [torch.tensor([1.0, 1.0, 1.0, 0.0])])
+        tensor([1., 2.])
+    """
+    if not weights:
+        return torch.empty(0)
+    dtype = functools.reduce(torch.promote_types, (w.dtype for w in weights))
+    on_cpu = all(w.device.type == "cpu" for w in weights)
+    if on_cpu and dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32  # exact for both; numpy sorts it (no bfloat16 in numpy)
+    live = [mask != 0 for mask in masks]
+    flat = torch.empty(sum(int(k.sum()) for k in live), dtype=dtype, device=weights[0].device)
+    start = 0
+    for w, keep in zip(weights, live):
+        values = w.detach().abs()[keep]
+        flat[start:start + values.numel()] = values
+        start += values.numel()
+    del live
+    if not on_cpu or flat.numel() == 0:
+        return torch.unique(flat)
+    a = flat.numpy()
+    a.sort()  # in place: no int64 sort indices
+    distinct = np.empty(a.size, dtype=bool)
+    distinct[0] = True
+    np.not_equal(a[1:], a[:-1], out=distinct[1:])
+    return torch.from_numpy(a[distinct])
+
+
+@torch.no_grad()
+def prune(
+    gm: nn.Module,
+    evaluate: Evaluate,
+    twt: float,
+    *,
+    loss_before: float | None = None,
+    sync_distributed: bool = True,
+    precision: float = 0.0,
+) -> PruneResult:
+    """Run one pruning phase on an instrumented module.
+
+    Args:
+        gm: a module returned by :func:`lobster_fx.instrument`.
+        evaluate: ``evaluate(model) -> float``, the validation loss of ``model``
+            (deterministic: it is called on several candidate models).
+        twt: relative tolerance, ``>= 0``; ``0`` prunes only what costs nothing.
+        loss_before: the loss of ``gm`` as it is, when already known (saves one
+            evaluation); must be what ``evaluate(gm)`` would return.
+        sync_distributed: under ``torch.distributed`` average each loss over the
+            ranks so that every rank takes the same decision.
+        precision: stop the bisection once the undecided candidates are at most
+            this share of all of them (``0``: exact, the paper's largest threshold).
+            The returned threshold still met the bound; it prunes at most
+            ``precision`` x (live parameters) fewer than the exact search, and
+            needs about ``log2(1 / precision)`` evaluations instead of
+            ``log2(live parameters)`` (LeNet-5: 8 instead of 20 at 0.01).
+
+    Returns:
+        A :class:`PruneResult`. On error (NaN loss, bad ``twt``) the model is
+        left exactly as it was.
+
+    Raises:
+        TypeError / ValueError: an argument of the wrong type or out of range
+            (``twt=None``, ``twt="x"``, ``precision=1``); the message names it.
+    """
+    check_evaluate(evaluate, "prune")
+    twt = check_real(twt, "twt", "prune", minimum=0)
+    precision = check_real(precision, "precision", "prune", minimum=0, below=1)
+    if loss_before is not None:
+        loss_before = check_real(loss_before, "loss_before", "prune")
+    sync_distributed = check_flag(sync_distributed, "sync_distributed", "prune")
+    gm = unwrap(gm)
+    entries = list(masked_parameters(gm))
+    modes = [(m, m.training) for m in gm.modules()]
+
+    def loss_of(what: str) -> float:
+        loss = _checked_loss(evaluate, gm, what)
+        return _all_reduce_mean(loss) if sync_distributed else loss
+
+    originals = [p.detach().clone() for _, p, _ in entries]
+    evaluations = 0
+    try:
+        if loss_before is None:
+            loss_before = loss_of("before pruning")
+            evaluations += 1
+        bound = loss_before + twt * abs(loss_before)
+        total = sum(mask.numel() for _, _, mask in entries)
+        candidates = distinct_magnitudes(originals, [mask for _, _, mask in entries])
+
+        def apply(threshold: float) -> None:
+            for w, (_, p, mask) in zip(originals, entries):
+                p.copy_(torch.where(w.abs() <= threshold, torch.zeros_like(w), w) * mask)
+
+        # bisection over candidate index: lo is known to meet the bound (-1 = prune nothing)
+        lo, hi, loss_lo = -1, candidates.numel(), loss_before
+        stop_width = max(1, int(precision * candidates.numel()))
+        while hi - lo > stop_width:
+            mid = (lo + hi) // 2
+            apply(float(candidates[mid]))
+            loss = loss_of(f"with threshold {float(candidates[mid]):.6g}")
+            evaluations += 1
+            if loss <= bound:
+                lo, loss_lo = mid, loss
+            else:
+                hi = mid
+    except BaseException:
+        for w, (_, p, _) in zip(originals, entries):
+            p.copy_(w)
+        raise
+    finally:
+        for m, t in modes:
+            m.training = t
+        for m, _ in modes:  # a LobsterGraphModule must also switch back its graph
+            if isinstance(m, LobsterGraphModule):
+                m.sync_mode_graph()
+
+    threshold = float(candidates[lo]) if lo >= 0 else -math.inf
+    pruned = 0
+    for w, (_, p, mask) in zip(originals, entries):
+        newly = (w.abs() <= threshold) & (mask != 0)
+        pruned += int(newly.sum())
+        mask.masked_fill_(newly, 0)
+        p.copy_(w * mask)
+    remaining = sum(int((mask != 0).sum()) for _, _, mask in entries)
+    return PruneResult(threshold, loss_before, loss_lo, bound, evaluations, pruned, remaining, total)
