@@ -1,6 +1,6 @@
 """Side-by-side inference benchmark: ONNX Runtime files (and torch modules).
 
-Design (see ``shared/docs/lobster-notes.md`` s.5 for the measured pitfalls):
+Design (each point answers a pitfall measured on this kind of machine):
 
 * **One fresh process per model.** Each model is loaded by its own persistent
   worker process, so load time, resident memory after load (``VmRSS``) and

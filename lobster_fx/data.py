@@ -2,7 +2,7 @@
 
 * :func:`load_dataset` reads MNIST / Fashion-MNIST straight from the gzip'd IDX
   files the dataset authors publish (``<root>/MNIST/raw/train-images-idx3-ubyte.gz``
-  and so on, see ``shared/datasets/README.md``). Nothing is ever downloaded and
+  and so on). Nothing is ever downloaded and
   torchvision is not involved, so no unpacked copies are written next to the data.
 * :func:`load_digits` uses scikit-learn's bundled 8x8 digits (no files needed).
 * :func:`batches` slices the tensors directly, much faster than a ``DataLoader``
@@ -149,7 +149,7 @@ def read_idx_pair(name: str, root: str | Path, train: bool = True) -> tuple[np.n
 
     Example::
 
-        >>> images, labels = read_idx_pair("mnist", "../shared/datasets")  # doctest: +SKIP
+        >>> images, labels = read_idx_pair("mnist", "path/to/datasets")  # doctest: +SKIP
         >>> images.shape, labels.shape  # doctest: +SKIP
         ((60000, 28, 28), (60000,))
     """
@@ -219,7 +219,7 @@ def load_dataset(
 
     Example::
 
-        >>> splits = load_dataset("mnist", "../shared/datasets")  # doctest: +SKIP
+        >>> splits = load_dataset("mnist", "path/to/datasets")  # doctest: +SKIP
         >>> len(splits.train), len(splits.val), len(splits.test)  # doctest: +SKIP
         (55000, 5000, 10000)
     """

@@ -215,9 +215,8 @@ def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     The product's strides follow its own rules on size-1 dims, where any stride is valid:
     a channels-last ``(20, 1, 5, 5)`` or ``(64, 32, 1, 1)`` weight (``model.to(memory_format=
     torch.channels_last)``) came out with NCHW strides, so the convolution ran NCHW and
-    converted to and from channels-last (LeNet-5, channels-last, one thread: a training
-    step took 26.8 ms masked vs 17.0 ms plain, ``benchmarks/compute_bound.py``). Same
-    values, same memory order.
+    converted to and from channels-last (measured in ``benchmarks/compute_bound.py``,
+    figures in ``benchmarks/RESULTS.md``). Same values, same memory order.
 
         >>> w = torch.randn(20, 1, 5, 5).to(memory_format=torch.channels_last)
         >>> mask = torch.ones_like(w)

@@ -1,6 +1,6 @@
 """Tracing stage: turn an arbitrary ``nn.Module`` into FX graphs, one per mode.
 
-Two facts shape this module (measured, see ``shared/docs/lobster-notes.md`` s.4):
+Two facts shape this module (both measured):
 
 * Tracing *through* Linear / Conv / Embedding keeps outputs bit-identical and
   makes every weight a ``get_attr`` node, so the mask rewrite is uniform.
@@ -155,9 +155,9 @@ class LobsterGraphModule(GraphModule):
         """Generate one ``forward`` per mode, and a ``forward`` that picks one at call time.
 
         Switching modes never regenerates code: a new code object per switch made
-        ``torch.compile`` compile again at every ``.train()`` / ``.eval()`` without bound
-        (16 graphs after 8 switches), and a switch recompiled every nested graph (33 ms on
-        convnext_tiny). Now dynamo guards on ``self.training`` and holds one graph per mode.
+        ``torch.compile`` compile again at every ``.train()`` / ``.eval()`` without bound,
+        and a switch recompiled every nested graph. Now dynamo guards on
+        ``self.training`` and holds one graph per mode (``tests/test_trace.py`` counts them).
         """
         graphs = self.__dict__.get("_lobster_graphs")
         if graphs is None or graphs[True] is graphs[False]:

@@ -99,7 +99,7 @@ class TrainConfig:
     #: effect on LeNet-5 is within this machine's noise: benchmarks/results/train_cost.md
     channels_last: bool = False
     #: ``Lobster(fused=...)``: None = compiled kernels from 2**20 prunable weights up; True pays a
-    #: ~2 s compile once for a cheaper step on smaller models (LeNet-300: 1.23x vs 1.31x of plain)
+    #: compile once for a cheaper step on smaller models (figures: benchmarks/RESULTS.md)
     fused_rule: bool | None = None
 
     def __post_init__(self) -> None:
