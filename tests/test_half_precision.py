@@ -71,7 +71,7 @@ def test_half_params_shrink_like_float32(dtype, path, fused):
 
 @pytest.mark.parametrize("path", list(OPTS))
 def test_large_half_params_are_rounded_in_slices_with_the_same_result_on_average(monkeypatch, path):
-    import lobster_fx.rule as rule_mod
+    import lobster_fx.methods.base as rule_mod
 
     monkeypatch.setattr(rule_mod, "HALF_CHUNK_NUMEL", 1000)  # 0.weight (4096) in 5 slices
     seen = []
@@ -108,7 +108,7 @@ def test_half_training_loop_shrinks_like_float32(dtype):
 
 @pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
 def test_stochastic_round_is_exact_on_the_grid_and_unbiased_between(dtype):
-    from lobster_fx.rule import _stochastic_round
+    from lobster_fx.methods.base import _stochastic_round
 
     gen = torch.Generator().manual_seed(0)
     info = torch.finfo(dtype)

@@ -321,7 +321,7 @@ def test_fused_and_eager_rule_agree(make_opt):
 
 
 def test_fused_compile_failure_warns_and_falls_back_to_the_eager_rule(monkeypatch):
-    from lobster_fx import rule as rule_module
+    from lobster_fx.methods import base as rule_module
 
     def broken_compile(fn):
         def run(*args):
@@ -344,7 +344,7 @@ def test_fused_compile_failure_warns_and_falls_back_to_the_eager_rule(monkeypatc
 
 
 def test_fused_auto_follows_parameter_count_and_bad_value_is_an_error(monkeypatch):
-    from lobster_fx import rule as rule_module
+    from lobster_fx.methods import base as rule_module
 
     gm = lobster_fx.instrument(_model())
     assert not lobster_fx.Lobster(gm, torch.optim.SGD(gm.parameters(), lr=0.1)).fused  # 53 weights
@@ -371,7 +371,7 @@ class _ShrinkingSGD(torch.optim.SGD):
 def test_optimizer_that_reads_weights_gets_the_term_after_its_update(fused):
     # the in-place shrink before the step is only taken for the listed optimizers without
     # weight decay; here it would give 0.9 * (w - term) - lr g instead of 0.9 w - lr g - term
-    from lobster_fx.rule import _update_reads_weights
+    from lobster_fx.methods.base import _update_reads_weights
 
     model = _model()
     gm = lobster_fx.instrument(model)
@@ -450,7 +450,7 @@ def test_eager_rule_reuses_its_gradient_buffers_and_still_matches_eq6(monkeypatc
     """The eager rule keeps its |g| buffers across steps on small models (a fresh 1 MB buffer per
     step was page-faulted back in every step on LeNet-300); above SCRATCH_MAX_NUMEL it allocates
     per step. Both give eq. (6), with weight decay too (the term kept across the step)."""
-    import lobster_fx.rule as rule_mod
+    import lobster_fx.methods.base as rule_mod
 
     if not keep_buffers:
         monkeypatch.setattr(rule_mod, "SCRATCH_MAX_NUMEL", 0)

@@ -1,0 +1,14 @@
+"""Per-step methods: a term applied at every ``optimizer.step()`` on a shared base.
+
+* :class:`StepRule` (:mod:`lobster_fx.methods.base`): the plumbing (final gradient,
+  ``GradScaler``, DDP, eager / fused paths, pinning, half precision, ``state_dict``,
+  one rule per optimizer); a method supplies its term.
+* :class:`Lobster` (:mod:`lobster_fx.methods.lobster`): LOBSTER's eq. (6) term.
+* :class:`L2` (:mod:`lobster_fx.methods.l2`): decoupled weight decay, the baseline.
+"""
+
+from lobster_fx.methods.base import FusedKernels, StepRule
+from lobster_fx.methods.l2 import L2
+from lobster_fx.methods.lobster import Lobster, lobster_delta
+
+__all__ = ["StepRule", "FusedKernels", "Lobster", "L2", "lobster_delta"]
