@@ -1,4 +1,4 @@
-"""Tests for lobster_fx.export: parity, file size, checker, dynamic batch, atomicity, errors."""
+"""Tests for lobster_fx.onnx: parity, file size, checker, dynamic batch, atomicity, errors."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 import lobster_fx
-from lobster_fx.export import ExportError, export_onnx, sparsify_initializers
+from lobster_fx.onnx import ExportError, export_onnx, sparsify_initializers
 
 
 def _sparsify_(model: nn.Module, sparsity: float, seed: int = 0) -> nn.Module:
@@ -101,7 +101,7 @@ def test_mlp_parity(mlp_files, kind):
 def test_parity_tolerance_is_relative_to_output_scale(tmp_path):
     # float error grows with the magnitudes summed, so the bound is atol + rtol * max|output|:
     # here 1e-5 + 1e-5 * ~1e4 = ~0.1 for every entry, including the one near zero
-    from lobster_fx.export import _ort_parity
+    from lobster_fx.onnx.parity import _ort_parity
 
     model = nn.Linear(4, 2)
     with torch.no_grad():
@@ -276,7 +276,7 @@ def test_failed_export_keeps_existing_file(tmp_path):
 
 def test_failure_after_temp_file_written_cleans_up(tmp_path, monkeypatch):
     """A failure in the last check (ORT parity) must not replace the good file."""
-    import lobster_fx.export as ex
+    import lobster_fx.onnx.export as ex  # where export_onnx looks these names up
 
     target = tmp_path / "model.onnx"
     export_onnx(nn.Sequential(nn.Linear(6, 6)), torch.randn(2, 6), target, slim=False)
@@ -500,7 +500,7 @@ def _detections(boxes, labels, scores):
 
 
 def test_detection_parity_matches_detections_not_positions():
-    from lobster_fx.export import DetectionParity
+    from lobster_fx.onnx import DetectionParity
 
     torch_out = _detections([[0, 0, 10, 10], [20, 20, 40, 40], [5, 5, 8, 9]], [1, 2, 1], [0.9, 0.5, 0.2])
     # same detections in another order, one box off by 2e-3 (IoU ~0.9997)
@@ -521,7 +521,7 @@ def test_detection_parity_matches_detections_not_positions():
 
 
 def test_detection_parity_tolerates_a_few_extra_or_missing_detections():
-    from lobster_fx.export import DetectionParity
+    from lobster_fx.onnx import DetectionParity
 
     rng = np.random.default_rng(0)
     xy = rng.uniform(0, 100, (40, 2))
@@ -583,8 +583,8 @@ def test_external_data_when_asked(tmp_path):
 
 def test_external_data_is_chosen_past_the_protobuf_limit(tmp_path, monkeypatch):
     """Past the limit one file cannot hold the model: external data by default, a clear error if refused."""
-    import lobster_fx.export as ex
-    from lobster_fx.export import onnx_file_bytes
+    import lobster_fx.onnx.export as ex  # where export_onnx looks these names up
+    from lobster_fx.onnx import onnx_file_bytes
 
     model, x = _sparsify_(_mlp(), 0.5), torch.randn(3, 784)  # 50%: int64 COO indices do not pay, stays dense
     inline = export_onnx(model, x, tmp_path / "inline.onnx", slim=False)
@@ -604,7 +604,7 @@ def test_external_data_is_chosen_past_the_protobuf_limit(tmp_path, monkeypatch):
 
 
 def test_external_data_failure_leaves_nothing(tmp_path, monkeypatch):
-    import lobster_fx.export as ex
+    import lobster_fx.onnx.export as ex  # where export_onnx looks these names up
 
     target = tmp_path / "model.onnx"
     export_onnx(nn.Sequential(nn.Linear(64, 64)), torch.randn(2, 64), target, slim=False, external_data=True)
@@ -623,7 +623,7 @@ def test_external_data_failure_leaves_nothing(tmp_path, monkeypatch):
 
 def test_proto_size_past_the_limit_is_the_sum_of_its_parts(mlp_files):
     """``ByteSize()`` raises past 2 GB; the fallback must agree with it where both work."""
-    from lobster_fx.export import _proto_bytes
+    from lobster_fx.onnx.large import _proto_bytes
 
     _, _, d, _ = mlp_files
     proto = onnx.load(d / "dense.onnx")
@@ -777,3 +777,25 @@ def test_export_dtype_casts_and_bfloat16_is_refused(tmp_path):
     assert next(model.parameters()).dtype == torch.float16  # a copy was cast
     with pytest.raises(ValueError, match="no bfloat16 kernels"):
         export_onnx(_half_net(torch.float32), x, tmp_path / "bf.onnx", export_dtype=torch.bfloat16)
+
+
+def test_compact_indices_without_onnxruntime_stay_int64(monkeypatch):
+    """ONNX Runtime is an extra: without it no compact index dtype can be probed, and every
+    tensor keeps INT64 (valid for the spec and for any runtime) instead of failing."""
+    import sys
+
+    from lobster_fx.onnx import sparsify
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    sparsify._ort_accepts_index_dtype.cache_clear()
+    try:
+        w = np.zeros((100, 50), np.float32)
+        w[::10, ::5] = 1.0
+        g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 100])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 50])],
+                              initializer=[numpy_helper.from_array(w, "w")])
+        (info,) = sparsify_initializers(helper.make_model(g), index_dtype="compact")
+        assert info.storage == "sparse" and info.index_dtype == "int64"
+    finally:
+        sparsify._ort_accepts_index_dtype.cache_clear()  # later tests probe the real runtime again

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from lobster_fx.export import export_onnx
+from lobster_fx.onnx import export_onnx
 
 
 class HFLike(nn.Module):
