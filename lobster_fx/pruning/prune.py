@@ -1,12 +1,14 @@
-"""Prune stage: the pruning phase of LOBSTER (section 4 of the paper).
+"""Prune stage: the pruning phase of LOBSTER (section 4 of the paper), by weight or by unit.
 
-One global magnitude threshold ``T`` over every unpruned prunable parameter:
-the largest ``T`` such that zeroing every such parameter with ``|w| <= T`` keeps
-the validation loss within ``(1 + twt)`` of the loss before pruning. The
-candidates are the distinct magnitudes; a bisection over them evaluates
-``O(log n)`` of them, and the threshold returned is always one that was
-evaluated and met the bound (the authors' code returned an unevaluated
-midpoint). Pruned parameters are zeroed and their masks cleared: pinned.
+One global threshold ``T`` on a score: the largest ``T`` such that pruning everything scored
+``<= T`` keeps the validation loss within ``(1 + twt)`` of the loss before pruning. With
+``granularity="weight"`` (the paper) the things pruned are single parameters, scored by
+``|w|``; with ``"neuron"`` they are whole units of Linear / Conv layers (a weight row or
+filter, its bias, and the entries of a BatchNorm right after), scored by the norm of the
+unit's weights or by ``score_fn`` (:mod:`lobster_fx.pruning.neuron`). The candidates are the
+distinct scores; a bisection over them evaluates ``O(log n)`` of them, and the threshold
+returned is always one that was evaluated and met the bound (the authors' code returned an
+unevaluated midpoint). Pruned entries are zeroed and their masks cleared: pinned.
 
 Example::
 
@@ -37,16 +39,21 @@ from lobster_fx.instrument import masked_parameters, unwrap
 from lobster_fx.pruning.checks import check_evaluate, check_flag, check_real
 from lobster_fx.trace import LobsterGraphModule
 
-__all__ = ["PruneResult", "distinct_magnitudes", "prune"]
+__all__ = ["GRANULARITIES", "PruneResult", "distinct_magnitudes", "prune"]
 
 Evaluate = Callable[[nn.Module], float]
+#: ``score_fn(unit, weight) -> scores`` of ``prune(granularity="neuron")``
+ScoreFn = Callable[[Any, torch.Tensor], torch.Tensor]
+
+#: what one pruning phase removes
+GRANULARITIES = ("weight", "neuron")
 
 
 @dataclass
 class PruneResult:
     """Outcome of one pruning phase."""
 
-    threshold: float  #: parameters with ``|w| <= threshold`` were pruned (-inf: none)
+    threshold: float  #: what scored ``<= threshold`` (``|w|``, or a unit's score) was pruned (-inf: none)
     loss_before: float
     loss_after: float  #: the evaluated loss at ``threshold`` (no re-evaluation needed)
     bound: float  #: ``loss_before + twt * |loss_before|``
@@ -54,6 +61,10 @@ class PruneResult:
     pruned: int  #: parameters pruned by this phase
     remaining: int  #: unpruned prunable parameters after it
     total: int  #: prunable parameters
+    granularity: str = "weight"  #: "weight" or "neuron"
+    units_pruned: int = 0  #: units pruned by this phase ("neuron")
+    units_remaining: int = 0  #: live units after it ("neuron")
+    units_total: int = 0  #: units of the layers found ("neuron")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,12 +148,42 @@ def distinct_magnitudes(weights: Sequence[torch.Tensor], masks: Sequence[torch.T
     return torch.from_numpy(a[distinct])
 
 
+class _WeightPlan:
+    """``granularity="weight"``: every live masked parameter, scored by ``|w|``."""
+
+    def __init__(self, gm: nn.Module) -> None:
+        self.entries = list(masked_parameters(gm))
+        self.originals = [p.detach().clone() for _, p, _ in self.entries]
+
+    def candidates(self) -> torch.Tensor:
+        return distinct_magnitudes(self.originals, [mask for _, _, mask in self.entries])
+
+    def apply(self, threshold: float) -> None:
+        for w, (_, p, mask) in zip(self.originals, self.entries):
+            p.copy_(torch.where(w.abs() <= threshold, torch.zeros_like(w), w) * mask)
+
+    def restore(self) -> None:
+        for w, (_, p, _) in zip(self.originals, self.entries):
+            p.copy_(w)
+
+    def commit(self, threshold: float) -> dict[str, int]:
+        pruned = 0
+        for w, (_, p, mask) in zip(self.originals, self.entries):
+            newly = (w.abs() <= threshold) & (mask != 0)
+            pruned += int(newly.sum())
+            mask.masked_fill_(newly, 0)
+            p.copy_(w * mask)
+        return {"pruned": pruned}
+
+
 @torch.no_grad()
 def prune(
     gm: nn.Module,
     evaluate: Evaluate,
     twt: float,
     *,
+    granularity: str = "weight",
+    score_fn: ScoreFn | None = None,
     loss_before: float | None = None,
     sync_distributed: bool = True,
     precision: float = 0.0,
@@ -154,6 +195,14 @@ def prune(
         evaluate: ``evaluate(model) -> float``, the validation loss of ``model``
             (deterministic: it is called on several candidate models).
         twt: relative tolerance, ``>= 0``; ``0`` prunes only what costs nothing.
+        granularity: ``"weight"``: single parameters by ``|w|``; ``"neuron"``: whole
+            units of the Linear / Conv layers in the traced graphs (a row or filter, its
+            bias, and the matching entries of a BatchNorm right after); other masked
+            parameters are left as they are. See :mod:`lobster_fx.pruning.neuron`.
+        score_fn: with ``"neuron"``, ``score_fn(unit, weight) -> tensor of unit.count``
+            scores (``unit`` a :class:`lobster_fx.graph.taps.Unit`, ``weight`` its masked
+            weight); default: the L2 norm of each unit's weights. Scores of all layers
+            share one threshold.
         loss_before: the loss of ``gm`` as it is, when already known (saves one
             evaluation); must be what ``evaluate(gm)`` would return.
         sync_distributed: under ``torch.distributed`` average each loss over the
@@ -161,9 +210,9 @@ def prune(
         precision: stop the bisection once the undecided candidates are at most
             this share of all of them (``0``: exact, the paper's largest threshold).
             The returned threshold still met the bound; it prunes at most
-            ``precision`` x (live parameters) fewer than the exact search, and
+            ``precision`` x (live candidates) fewer than the exact search, and
             needs about ``log2(1 / precision)`` evaluations instead of
-            ``log2(live parameters)`` (LeNet-5: 8 instead of 20 at 0.01).
+            ``log2(live candidates)``.
 
     Returns:
         A :class:`PruneResult`. On error (NaN loss, bad ``twt``) the model is
@@ -171,7 +220,8 @@ def prune(
 
     Raises:
         TypeError / ValueError: an argument of the wrong type or out of range
-            (``twt=None``, ``twt="x"``, ``precision=1``); the message names it.
+            (``twt=None``, ``twt="x"``, ``precision=1``, ``granularity="row"``, a
+            ``score_fn`` with ``"weight"``); the message names it.
     """
     check_evaluate(evaluate, "prune")
     twt = check_real(twt, "twt", "prune", minimum=0)
@@ -179,34 +229,34 @@ def prune(
     if loss_before is not None:
         loss_before = check_real(loss_before, "loss_before", "prune")
     sync_distributed = check_flag(sync_distributed, "sync_distributed", "prune")
+    check_granularity(granularity, score_fn, "prune")
     gm = unwrap(gm)
-    entries = list(masked_parameters(gm))
     modes = [(m, m.training) for m in gm.modules()]
 
     def loss_of(what: str) -> float:
         loss = _checked_loss(evaluate, gm, what)
         return _all_reduce_mean(loss) if sync_distributed else loss
 
-    originals = [p.detach().clone() for _, p, _ in entries]
+    if granularity == "neuron":
+        from lobster_fx.pruning.neuron import UnitPlan
+
+        plan: Any = UnitPlan(gm, score_fn)
+    else:
+        plan = _WeightPlan(gm)
     evaluations = 0
     try:
         if loss_before is None:
             loss_before = loss_of("before pruning")
             evaluations += 1
         bound = loss_before + twt * abs(loss_before)
-        total = sum(mask.numel() for _, _, mask in entries)
-        candidates = distinct_magnitudes(originals, [mask for _, _, mask in entries])
-
-        def apply(threshold: float) -> None:
-            for w, (_, p, mask) in zip(originals, entries):
-                p.copy_(torch.where(w.abs() <= threshold, torch.zeros_like(w), w) * mask)
+        candidates = plan.candidates()
 
         # bisection over candidate index: lo is known to meet the bound (-1 = prune nothing)
         lo, hi, loss_lo = -1, candidates.numel(), loss_before
         stop_width = max(1, int(precision * candidates.numel()))
         while hi - lo > stop_width:
             mid = (lo + hi) // 2
-            apply(float(candidates[mid]))
+            plan.apply(float(candidates[mid]))
             loss = loss_of(f"with threshold {float(candidates[mid]):.6g}")
             evaluations += 1
             if loss <= bound:
@@ -214,8 +264,7 @@ def prune(
             else:
                 hi = mid
     except BaseException:
-        for w, (_, p, _) in zip(originals, entries):
-            p.copy_(w)
+        plan.restore()
         raise
     finally:
         for m, t in modes:
@@ -225,11 +274,22 @@ def prune(
                 m.sync_mode_graph()
 
     threshold = float(candidates[lo]) if lo >= 0 else -math.inf
-    pruned = 0
-    for w, (_, p, mask) in zip(originals, entries):
-        newly = (w.abs() <= threshold) & (mask != 0)
-        pruned += int(newly.sum())
-        mask.masked_fill_(newly, 0)
-        p.copy_(w * mask)
+    counts = plan.commit(threshold)
+    entries = list(masked_parameters(gm))
+    total = sum(mask.numel() for _, _, mask in entries)
     remaining = sum(int((mask != 0).sum()) for _, _, mask in entries)
-    return PruneResult(threshold, loss_before, loss_lo, bound, evaluations, pruned, remaining, total)
+    return PruneResult(threshold, loss_before, loss_lo, bound, evaluations, counts.pop("pruned"), remaining, total,
+                       granularity, **counts)
+
+
+def check_granularity(granularity: Any, score_fn: Any, who: str) -> str:
+    """``granularity`` if it is one of :data:`GRANULARITIES` and ``score_fn`` fits it."""
+    if not isinstance(granularity, str) or granularity not in GRANULARITIES:
+        raise ValueError(f"{who}: granularity must be 'weight' or 'neuron', got {granularity!r} "
+                         f"({type(granularity).__name__})")
+    if score_fn is not None and not callable(score_fn):
+        raise TypeError(f"{who}: score_fn must be a callable (unit, weight) -> scores or None, got {score_fn!r} "
+                        f"({type(score_fn).__name__})")
+    if score_fn is not None and granularity != "neuron":
+        raise ValueError(f"{who}: score_fn scores units: it needs granularity='neuron' (weights are scored by |w|)")
+    return granularity

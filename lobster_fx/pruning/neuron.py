@@ -1,0 +1,201 @@
+"""What ``prune(..., granularity="neuron")`` prunes: whole units of Linear / Conv layers.
+
+The units are those of :func:`lobster_fx.graph.taps.find_units`: the output features of a
+``linear`` and the output channels (filters) of a ``conv1d/2d/3d`` whose weight is masked, in
+the traced graphs. Pruning unit ``k`` of a layer clears, in one go,
+
+* row ``k`` of the weight's mask (a Linear row, a conv filter) and entry ``k`` of the bias's
+  mask: the unit then outputs exactly 0;
+* entry ``k`` of the weight and bias of a BatchNorm applied right after the layer: the
+  normalised output is then ``0 * x_hat + 0 = 0`` as well, not the constant
+  ``beta - gamma * mean / sqrt(var + eps)``, which a following zero-padded conv could not
+  absorb. Where the BatchNorm's weight and bias are masked (``instrument(model, filter_fn=...)``
+  opting them in) their mask entries are cleared: pinned like the unit. Where they are not
+  masked (the default) they are set to 0 at pruning. Training then keeps ``gamma`` at 0 (a
+  channel that is 0 on every sample has ``x_hat = 0``: no gradient to ``gamma``) but may move
+  ``beta``: the unit then outputs the constant ``beta``, which ``slim`` folds into the next
+  layer's bias where that is exact; mask the BatchNorm to pin it at 0.
+
+``lobster_fx.fold`` then ``lobster_fx.slim`` delete the pruned units (the rows, the BatchNorm
+entries and the consumers' columns). A unit is *live* while some entry of its weight row or its
+bias is unmasked; only live units are candidates. Units whose output is the graph's output
+(the logits of a classifier) are never pruned: slim keeps output shapes. Masked parameters that
+belong to no unit (embeddings, attention, raw matmul weights) are left as they are.
+
+Scores: ``score_fn(unit, weight)`` gets the :class:`~lobster_fx.graph.taps.Unit` and the layer's
+masked weight (a detached tensor) and returns ``unit.count`` finite scores; default
+:func:`weight_norm`, the L2 norm of each unit's weights. One threshold for all layers: a method
+that wants per-layer balance normalises its scores.
+
+Example::
+
+    >>> import torch, lobster_fx
+    >>> torch.manual_seed(0)
+    <torch._C.Generator object at ...>
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    >>> gm = lobster_fx.instrument(model)
+    >>> x = torch.randn(64, 8); y = gm(x).detach()
+    >>> evaluate = lambda m: float(torch.nn.functional.mse_loss(m(x), y)) + 1.0
+    >>> r = lobster_fx.prune(gm, evaluate, twt=0.05, granularity="neuron")
+    >>> r.loss_after <= 1.05 * r.loss_before, r.units_total
+    (True, 6)
+    >>> rows = lobster_fx.masks(gm)["0.weight"].eq(0).all(1)
+    >>> int(rows.sum()) == r.units_pruned
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lobster_fx.graph.taps import Unit, find_units
+from lobster_fx.instrument import masked_parameters
+
+__all__ = ["UnitPlan", "weight_norm"]
+
+
+def weight_norm(unit: Unit, weight: torch.Tensor) -> torch.Tensor:
+    """The default unit score: the L2 norm of each unit's (masked) weights, in float32 or wider.
+
+        >>> import torch
+        >>> from lobster_fx.graph.taps import Unit
+        >>> u = Unit("fc", "linear", "fc.weight", None, 2, -1, None, False, "", "linear")
+        >>> weight_norm(u, torch.tensor([[3.0, 4.0], [0.0, 1.0]]))
+        tensor([5., 1.])
+    """
+    return weight.detach().flatten(1).to(torch.promote_types(weight.dtype, torch.float32)).norm(dim=1)
+
+
+@dataclass
+class _Layer:
+    unit: Unit
+    weight: torch.Tensor  # the raw parameter
+    weight_mask: torch.Tensor
+    bias: torch.Tensor | None
+    bias_mask: torch.Tensor | None
+    norm: list[tuple[torch.Tensor, torch.Tensor | None]]  # BatchNorm weight / bias, with their masks
+    live: torch.Tensor  # bool[count]
+    scores: torch.Tensor  # float[count]
+
+
+def _unit_mask(mask: torch.Tensor) -> torch.Tensor:
+    return mask.ne(0).flatten(1).any(1) if mask.dim() > 1 else mask.ne(0)
+
+
+def _owner_attr(param_path: str) -> tuple[str, str]:
+    """``(module path, attribute)`` of a masked parameter's raw path (``bn.parametrizations.weight.original``
+    for one masked at module level)."""
+    if ".parametrizations." in f".{param_path}":
+        mod, _, rest = f".{param_path}".partition(".parametrizations.")
+        return mod[1:], rest.split(".")[0]
+    mod, _, attr = param_path.rpartition(".")
+    return mod, attr
+
+
+def _norm_entries(gm: nn.Module, path: str, masked: dict[tuple[str, str], tuple]) -> list[tuple[torch.Tensor, Any]]:
+    """The raw weight and bias of the BatchNorm at ``path``, each with its mask or None."""
+    bn = gm.get_submodule(path)
+    out = []
+    for attr in ("weight", "bias"):
+        if (path, attr) in masked:
+            out.append(masked[(path, attr)])
+        elif isinstance(bn._parameters.get(attr), torch.Tensor):
+            out.append((bn._parameters[attr], None))
+    return out
+
+
+class UnitPlan:
+    """The units of ``gm``, their scores, and how to prune those scored ``<= threshold``.
+
+    Used by :func:`lobster_fx.prune`: :meth:`candidates`, then :meth:`apply` per evaluated
+    threshold, :meth:`restore` on error, :meth:`commit` of the chosen threshold (masks cleared).
+    """
+
+    def __init__(self, gm: nn.Module, score_fn: Any = None) -> None:
+        skipped: dict[str, str] = {}
+        units = [u for u in find_units(gm, skipped=skipped).values() if not u.feeds_output]
+        if not units:
+            why = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3])
+            raise ValueError("prune: granularity='neuron' found no Linear / Conv units to prune in the traced graphs "
+                             "(a layer whose output is the model's output is not pruned)" + (f"; {why}" if why else ""))
+        by_name = {info.name: (p, mask) for info, p, mask in masked_parameters(gm)}
+        masked_by_owner = {_owner_attr(info.param_path): (p, mask) for info, p, mask in masked_parameters(gm)}
+        score_fn = weight_norm if score_fn is None else score_fn
+        self.layers: list[_Layer] = []
+        for unit in units:
+            w, wm = by_name[unit.weight]
+            b, bm = by_name[unit.bias] if unit.bias is not None else (None, None)
+            norm = _norm_entries(gm, unit.norm, masked_by_owner) if unit.norm is not None else []
+            live = _unit_mask(wm)
+            if bm is not None:
+                live |= bm.ne(0)
+            scores = score_fn(unit, (w * wm).detach())
+            if not isinstance(scores, torch.Tensor) or scores.shape != (unit.count,) or scores.is_complex():
+                raise ValueError(f"prune: score_fn must return a real tensor of shape ({unit.count},) for layer "
+                                 f"{unit.name!r} (node {unit.node}), got "
+                                 f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}")
+            scores = scores.detach().to(torch.float64).cpu()
+            if not bool(torch.isfinite(scores[live.cpu()]).all()):
+                raise ValueError(f"prune: score_fn returned a non-finite score for a live unit of layer {unit.name!r}")
+            self.layers.append(_Layer(unit, w, wm, b, bm, norm, live, scores))
+        self._tensors = [t for layer in self.layers for t in (layer.weight, layer.bias, *(p for p, _ in layer.norm))
+                         if t is not None]
+        self._tensors = list({id(t): t for t in self._tensors}.values())
+        self._originals = [t.detach().clone() for t in self._tensors]
+
+    def candidates(self) -> torch.Tensor:
+        """The distinct scores of the live units, sorted."""
+        live = [layer.scores[layer.live.cpu()] for layer in self.layers]
+        return torch.unique(torch.cat(live)) if live else torch.empty(0, dtype=torch.float64)
+
+    def _pruned(self, layer: _Layer, threshold: float) -> torch.Tensor:
+        return (layer.scores <= threshold) & layer.live.cpu()
+
+    def apply(self, threshold: float) -> None:
+        """The model with the live units scored ``<= threshold`` zeroed (masks untouched)."""
+        self.restore()
+        for layer in self.layers:
+            rows = self._pruned(layer, threshold).to(layer.weight.device)
+            if not bool(rows.any()):
+                continue
+            layer.weight[rows] = 0
+            if layer.bias is not None:
+                layer.bias[rows.to(layer.bias.device)] = 0
+            for p, _ in layer.norm:
+                p[rows.to(p.device)] = 0
+
+    def restore(self) -> None:
+        for t, o in zip(self._tensors, self._originals):
+            t.copy_(o)
+
+    def commit(self, threshold: float) -> dict[str, int]:
+        """Prune for good: masks cleared (unmasked BatchNorm entries zeroed); returns the counts."""
+        self.restore()
+        pruned = units_pruned = 0
+        for layer in self.layers:
+            rows = self._pruned(layer, threshold)
+            units_pruned += int(rows.sum())
+            layer.live = layer.live & ~rows.to(layer.live.device)
+            if not bool(rows.any()):
+                continue
+            targets = [(layer.weight, layer.weight_mask), (layer.bias, layer.bias_mask), *layer.norm]
+            for p, mask in targets:
+                if p is None:
+                    continue
+                r = rows.to(p.device)
+                if mask is None:
+                    p[r] = 0
+                    continue
+                pruned += int(mask[r].ne(0).sum())
+                mask[r] = 0
+                p.mul_(mask)
+        return {
+            "pruned": pruned,
+            "units_pruned": units_pruned,
+            "units_remaining": sum(int(layer.live.sum()) for layer in self.layers),
+            "units_total": sum(layer.unit.count for layer in self.layers),
+        }
