@@ -1,4 +1,4 @@
-"""Passes state what they need (issue 13): ``slim`` / ``slim_with_report`` / ``to_sparse_csr``
+"""Passes state what they need (issue 13): ``slim`` / ``to_sparse_csr``
 refuse a model that still has masks (it would be slimmed / converted as if unmasked: nothing
 removed, nothing converted, masks kept), name the masked parameters and leave the model alone;
 ``export_onnx`` is the whole pipeline and folds by itself."""
@@ -11,9 +11,9 @@ from torch import nn
 
 import lobster_fx
 from lobster_fx.export import export_onnx
-from lobster_fx.fold import MaskedModelError, masked_parameter_names, require_folded
-from lobster_fx.slim import slim, slim_with_report
-from lobster_fx.sparse import to_sparse_csr
+from lobster_fx.passes.csr import to_sparse_csr
+from lobster_fx.passes.fold import MaskedModelError, masked_parameter_names, require_folded
+from lobster_fx.passes.slim import slim
 
 
 def _masked() -> tuple[nn.Module, torch.Tensor]:
@@ -39,7 +39,6 @@ def _same(m: nn.Module, snap: dict[str, torch.Tensor]) -> bool:
 
 PASSES = {
     "slim": lambda m, x: slim(m, (x,)),
-    "slim_with_report": lambda m, x: slim_with_report(m, (x,)),
     "to_sparse_csr": lambda m, x: to_sparse_csr(m, min_sparsity=0.5),
 }
 
@@ -60,7 +59,6 @@ def test_passes_refuse_a_model_that_still_has_masks(name):
     # and what it asks for works: the folded model is slimmed / converted
     folded = lobster_fx.fold(gm)
     out = PASSES[name](folded, x)
-    out = getattr(out, "module", out)
     if name == "to_sparse_csr":
         assert list(out.meta["lobster_sparse"].converted) == ["2.weight"]
     else:

@@ -1,4 +1,4 @@
-"""Tests for lobster_fx.slim: parity with the dense model and exact unit removal.
+"""Tests for lobster_fx.passes.slim: parity with the dense model and exact unit removal.
 
 Sparse "folded" models are built by tracing with ``trace_model`` and zeroing
 weights (random 90-99% unstructured sparsity plus designed dead units). Every
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from lobster_fx.slim import DEFAULT_CHANNEL_MULTIPLE, SlimError, slim, slim_with_report
+from lobster_fx.passes.slim import DEFAULT_CHANNEL_MULTIPLE, META_KEY, SlimError, slim
 from lobster_fx.trace import LobsterGraphModule, trace_model
 
 torch.set_num_threads(1)
@@ -138,8 +138,8 @@ def test_mlp_exact_param_count_with_known_dead_units() -> None:
     model = _lenet300_known_dead(gen)
     snap = _snapshot(model)
     x = torch.randn(4, 784, generator=gen)
-    res = slim_with_report(model, (x,))
-    gm, rep = res.module, res.report
+    gm = slim(model, (x,))
+    rep = gm.meta[META_KEY]
 
     live1, live2 = 145, 65
     expected = live1 * 784 + live1 + live2 * live1 + live2 + 10 * live2 + 10
@@ -178,21 +178,21 @@ def test_half_precision_model_is_slimmed_at_tolerances_that_follow_the_dtype(dty
     gen = torch.Generator().manual_seed(100)
     model = _constant_units_mlp().to(dtype)
     x = torch.randn(16, 32, generator=gen).to(dtype)
-    res = slim_with_report(model, (x,))
-    rep = res.report
-    assert [tuple(res.module.get_submodule(k).weight.shape) for k in ("0", "2", "4")] == [(32, 32), (32, 32), (10, 32)]
+    res = slim(model, (x,))
+    rep = res.meta[META_KEY]
+    assert [tuple(res.get_submodule(k).weight.shape) for k in ("0", "2", "4")] == [(32, 32), (32, 32), (10, 32)]
     assert 1e-5 < rep.max_rel_err <= rep.rtol  # above the old default, within the new one
-    from lobster_fx.slim import default_rtol
+    from lobster_fx.passes.slim import default_rtol
 
     assert rep.rtol == default_rtol(dtype) == 8 * torch.finfo(dtype).eps and rep.atol == 0.0
     with torch.no_grad():
         xs = torch.randn(7, 32, generator=gen).to(dtype)
-        want, got = model(xs).double(), res.module(xs).double()
+        want, got = model(xs).double(), res(xs).double()
     assert float((got - want).abs().max()) <= rep.rtol * float(want.abs().max())
     # explicit tolerances are used as given
-    assert slim_with_report(model, (x,), rtol=0.5).report.rtol == 0.5
+    assert slim(model, (x,), rtol=0.5).meta[META_KEY].rtol == 0.5
     with pytest.raises(SlimError, match="changed the outputs"):
-        slim_with_report(model, (x,), rtol=1e-5)
+        slim(model, (x,), rtol=1e-5)
 
 
 def _reference_live_units(ws: list[np.ndarray]) -> list[int]:
@@ -265,7 +265,8 @@ def test_lenet5_exact_units() -> None:
         model.fc1.weight[d3] = 0
     snap = _snapshot(model)
     x = torch.randn(2, 1, 28, 28, generator=gen)
-    gm, rep = (lambda r: (r.module, r.report))(slim_with_report(model, x, channel_multiple=1))
+    gm = slim(model, x, channel_multiple=1)
+    rep = gm.meta[META_KEY]
 
     # fc1 units whose fc2 column is zero (95% of 10 entries: common) die too
     zero_cols = set(torch.nonzero((model.fc2.weight == 0).all(0)).flatten().tolist())
@@ -317,8 +318,8 @@ def test_resnet18_residual_groups() -> None:
         blk.conv2.weight[:, 10:14] = 0
     snap = _snapshot(model)
     x = torch.randn(1, 3, 32, 32, generator=gen)
-    res = slim_with_report(model, x, channel_multiple=1)
-    gm, rep = res.module, res.report
+    gm = slim(model, x, channel_multiple=1)
+    rep = gm.meta[META_KEY]
     w = lambda name: tuple(gm.get_submodule(name).weight.shape)  # noqa: E731
 
     assert w("conv1")[0] == 62  # 3, 7 gone; 9 kept
@@ -416,8 +417,8 @@ def test_depthwise_and_grouped_convs() -> None:
         model.bn0.bias[12] = 10
         model.pw.weight[5] = 0  # constant through dw2 (no padding) ... but the grouped conv g
     snap = _snapshot(model)  # reads channel 5 too, so the pw group is frozen: kept
-    res = slim_with_report(model, torch.randn(2, 3, 10, 10, generator=gen), channel_multiple=1)
-    gm, rep = res.module, res.report
+    gm = slim(model, torch.randn(2, 3, 10, 10, generator=gen), channel_multiple=1)
+    rep = gm.meta[META_KEY]
     assert tuple(gm.get_submodule("c0").weight.shape) == (13, 3, 3, 3)
     assert tuple(gm.get_submodule("dw1").weight.shape) == (13, 1, 3, 3)
     assert gm.get_submodule("bn1").num_features == 13
@@ -461,12 +462,12 @@ def test_unknown_ops_freeze_their_groups() -> None:
         model.c.weight[1] = 0
         model.d.weight[:, :9] = 0
     x, img = torch.randn(2, 12, generator=gen), torch.randn(2, 2, 3, 3, generator=gen)
-    res = slim_with_report(model, (x, img))
-    gm = res.module
+    gm = slim(model, (x, img))
+    rep = gm.meta[META_KEY]
     for name, shape in {"a": (10, 12), "b": (8, 10), "c": (4, 2, 1, 1), "d": (3, 36)}.items():
         assert tuple(gm.get_submodule(name).weight.shape) == shape
-    assert res.report.params_after == res.report.params_before
-    assert "softmax" in res.report.frozen and "view" in res.report.frozen
+    assert rep.params_after == rep.params_before
+    assert "softmax" in rep.frozen and "view" in rep.frozen
     assert "frozen" in next(n for n in gm.graph.nodes if n.name == "view").meta["lobster_slim"]["role"]
     x2, img2 = torch.randn(5, 12, generator=gen), torch.randn(4, 2, 3, 3, generator=gen)
     with torch.no_grad():
@@ -545,8 +546,8 @@ def test_channel_multiple_hand_counted(multiple: int, a: int, b: int, f: int, al
     model = _align_net()
     snap = _snapshot(model)
     gen = torch.Generator().manual_seed(11)
-    res = slim_with_report(model, torch.randn(2, 3, 8, 8, generator=gen), channel_multiple=multiple)
-    gm, rep = res.module, res.report
+    gm = slim(model, torch.randn(2, 3, 8, 8, generator=gen), channel_multiple=multiple)
+    rep = gm.meta[META_KEY]
     assert rep.params_before == _params(24, 20, 12) == 1489
     assert _n_params(gm) == rep.params_after == _params(a, b, f)
     assert tuple(gm.get_submodule("a").weight.shape) == (a, 3, 3, 3)
@@ -567,7 +568,7 @@ def test_channel_multiple_hand_counted(multiple: int, a: int, b: int, f: int, al
 def test_channel_multiple_default_and_validation() -> None:
     model = _align_net()
     x = torch.randn(2, 3, 8, 8)
-    rep = slim_with_report(model, x).report
+    rep = slim(model, x).meta[META_KEY]
     assert rep.channel_multiple == DEFAULT_CHANNEL_MULTIPLE
     gm = slim(model, x, channel_multiple=None)
     assert gm.meta["lobster_slim"].params_after == rep.params_after
@@ -604,10 +605,10 @@ def test_channel_multiple_resnet18() -> None:
     model, live, stage4 = _resnet18_with_dead_filters(gen)
     snap = _snapshot(model)
     x = torch.randn(1, 3, 32, 32, generator=gen)
-    exact = slim_with_report(model, x, channel_multiple=1)
-    res = slim_with_report(model, x, channel_multiple=8)
-    gm, rep = res.module, res.report
-    w1 = lambda name: tuple(exact.module.get_submodule(name).weight.shape)  # noqa: E731
+    exact = slim(model, x, channel_multiple=1)
+    gm = slim(model, x, channel_multiple=8)
+    rep = gm.meta[META_KEY]
+    w1 = lambda name: tuple(exact.get_submodule(name).weight.shape)  # noqa: E731
     w8 = lambda name: tuple(gm.get_submodule(name).weight.shape)  # noqa: E731
 
     # exact slim removes every designed dead unit; multiple 8 rounds those counts up
@@ -627,7 +628,7 @@ def test_channel_multiple_resnet18() -> None:
             assert inp % 8 == 0 or inp == mod.in_channels, (name, inp)
     assert n_conv == 20
     assert rep.units_kept_for_alignment > 0 and rep.channel_multiple == 8
-    assert exact.report.params_after < rep.params_after < rep.params_before
+    assert exact.meta[META_KEY].params_after < rep.params_after < rep.params_before
     _assert_parity(gm, model, torch.randn(2, 3, 32, 32, generator=gen))
     _assert_unchanged(model, snap)
 
@@ -680,13 +681,13 @@ def test_batchnorm_subclass_with_its_own_forward_is_an_unknown_module(norm_cls: 
     model = _conv_norm_net(norm_cls(16))
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(4))
     snap = _snapshot(model)
-    res = slim_with_report(model, x, channel_multiple=1)
+    gm = slim(model, x, channel_multiple=1)
     _assert_unchanged(model, snap)
-    gm = res.module
     assert any(n.op == "call_module" and n.target == "1" for n in gm.graph.nodes)  # a leaf, as in the issue
     w0, w2 = gm.get_submodule("0").weight, gm.get_submodule("2").weight
     assert gm.get_submodule("1").num_features == 16 and w0.shape[0] == 16 and w2.shape[1] == 16
-    assert any(norm_cls.__name__ in reason for reason in res.report.frozen.values()), res.report.frozen
+    frozen = gm.meta[META_KEY].frozen
+    assert any(norm_cls.__name__ in reason for reason in frozen.values()), frozen
     # the plain BatchNorm after it is still slimmed: conv 2's constant filters 0-7 are gone
     assert w2.shape[0] == 8 and gm.get_submodule("3").num_features == 8
     _assert_parity(gm, model, torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(5)))
@@ -696,8 +697,7 @@ def test_torch_batchnorm_classes_with_their_own_forward_are_still_batchnorm() ->
     # SyncBatchNorm has a forward of its own, in torch.nn: slimmed like BatchNorm2d
     model = _conv_norm_net(nn.SyncBatchNorm(16))
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(4))
-    res = slim_with_report(model, x, channel_multiple=1)
-    gm = res.module
+    gm = slim(model, x, channel_multiple=1)
     # 4-7 feed nothing: removed; 0-3 are constant (-1, 1) before a padded conv: kept
     assert gm.get_submodule("1").num_features == 12 and gm.get_submodule("0").weight.shape[0] == 12
     assert tuple(gm.get_submodule("2").weight.shape[:2]) == (8, 12)

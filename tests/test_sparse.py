@@ -1,4 +1,4 @@
-"""Tests for lobster_fx.sparse: CSR linear weights give the dense outputs."""
+"""Tests for lobster_fx.passes.csr: CSR linear weights give the dense outputs."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lobster_fx.slim import slim
-from lobster_fx.sparse import DEFAULT_MIN_SPARSITY, CsrTensor, csr_linear, to_sparse_csr
+from lobster_fx.passes.csr import DEFAULT_MIN_SPARSITY, CsrTensor, csr_linear, to_sparse_csr
+from lobster_fx.passes.slim import slim
 from lobster_fx.trace import LobsterGraphModule, trace_model
 
 torch.set_num_threads(1)
