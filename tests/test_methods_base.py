@@ -264,3 +264,30 @@ def test_a_rule_without_a_term_or_with_fused_and_no_kernels_is_refused():
         StepRule.__init__(rule, gm, opt, 0.1, fused=True)
     assert _hooks(opt) == (0, 0)
     assert not L2(gm, opt, 0.1).fused
+
+
+def test_per_unit_rule_on_bfloat16_gets_whole_parameters_and_decays_like_float32(monkeypatch):
+    import lobster_fx.methods.base as base
+
+    monkeypatch.setattr(base, "HALF_CHUNK_NUMEL", 100)  # elementwise terms would get 100-element slices
+
+    class ConstantPerUnit(StepRule):
+        def unit_term(self, name, w, g):
+            shapes.append((name, tuple(w.shape), w.dtype))
+            return torch.full((w.shape[0],), self.lmbda)
+
+    shapes = []
+    torch.manual_seed(0)
+    gm = lobster_fx.instrument(nn.Sequential(nn.Linear(64, 64)).to(torch.bfloat16))
+    opt = torch.optim.SGD(gm.parameters(), lr=0.0)
+    lmbda, steps = 1e-4, 100
+    ConstantPerUnit(gm, opt, lmbda)
+    w0 = gm.get_parameter("0.weight").detach().double().abs().mean()
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    for _ in range(steps):
+        opt.zero_grad()
+        gm(x).float().square().mean().backward()
+        opt.step()
+    assert set(shapes) == {("0.weight", (64, 64), torch.float32), ("0.bias", (64,), torch.float32)}
+    ratio = (gm.get_parameter("0.weight").detach().double().abs().mean() / w0).item()
+    assert ratio == pytest.approx((1 - lmbda) ** steps, rel=1e-3)
