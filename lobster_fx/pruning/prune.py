@@ -39,7 +39,7 @@ from lobster_fx.instrument import masked_parameters, unwrap
 from lobster_fx.pruning.checks import check_evaluate, check_flag, check_real
 from lobster_fx.trace import LobsterGraphModule
 
-__all__ = ["GRANULARITIES", "PruneResult", "distinct_magnitudes", "prune"]
+__all__ = ["GRANULARITIES", "PruneAction", "PruneResult", "distinct_magnitudes", "prune"]
 
 Evaluate = Callable[[nn.Module], float]
 #: ``score_fn(unit, weight) -> scores`` of ``prune(granularity="neuron")``
@@ -293,3 +293,30 @@ def check_granularity(granularity: Any, score_fn: Any, who: str) -> str:
     if score_fn is not None and granularity != "neuron":
         raise ValueError(f"{who}: score_fn scores units: it needs granularity='neuron' (weights are scored by |w|)")
     return granularity
+
+
+class PruneAction:
+    """What a schedule does when its trigger fires: one :func:`prune` call with fixed settings.
+
+    ``action(gm, evaluate, loss_before=None)`` runs the phase. The settings are checked here
+    (the message names the argument and ``who``).
+
+        >>> PruneAction(0.05, granularity="neuron")
+        PruneAction(twt=0.05, granularity='neuron', precision=0)
+    """
+
+    def __init__(self, twt: float = 0.05, *, granularity: str = "weight", score_fn: ScoreFn | None = None,
+                 precision: float = 0.0, sync_distributed: bool = True, who: str = "PruneAction") -> None:
+        self.twt = check_real(twt, "twt", who, minimum=0)
+        self.granularity = check_granularity(granularity, score_fn, who)
+        self.score_fn = score_fn
+        self.precision = check_real(precision, "search_precision" if who == "PlateauPruner" else "precision", who,
+                                    minimum=0, below=1)
+        self.sync_distributed = check_flag(sync_distributed, "sync_distributed", who)
+
+    def __call__(self, gm: nn.Module, evaluate: Evaluate, loss_before: float | None = None) -> PruneResult:
+        return prune(gm, evaluate, self.twt, granularity=self.granularity, score_fn=self.score_fn,
+                     loss_before=loss_before, sync_distributed=self.sync_distributed, precision=self.precision)
+
+    def __repr__(self) -> str:
+        return f"PruneAction(twt={self.twt:g}, granularity={self.granularity!r}, precision={self.precision:g})"

@@ -1,12 +1,16 @@
-"""Schedule stage: when to prune (section 4 of the paper).
+"""Schedule stage: a trigger (when) and a pruning action (what), with rollback (section 4 of the paper).
 
 :class:`PlateauPruner` runs the paper's procedure: train with the LOBSTER rule
 until the validation loss has not improved for ``pwe`` epochs (plateau waiting
 epochs), optionally roll back to the best weights since the last pruning, then
 run a pruning phase (:func:`lobster_fx.prune`) with tolerance ``twt``. With
 ``every_n_iterations`` it instead prunes every N calls to ``step()`` (the
-paper's ImageNet variant). Under ``torch.distributed`` the validation loss is
-averaged over the ranks, so every rank prunes at the same call.
+paper's ImageNet variant). The decision is its :attr:`~PlateauPruner.trigger`'s
+(:class:`~lobster_fx.pruning.triggers.PlateauTrigger` or
+:class:`~lobster_fx.pruning.triggers.EveryNIterations`), the pruning its
+:attr:`~PlateauPruner.action`'s (:class:`~lobster_fx.pruning.prune.PruneAction`:
+``granularity="weight"`` or ``"neuron"``, ``score_fn``). Under ``torch.distributed``
+the validation loss is averaged over the ranks, so every rank prunes at the same call.
 
 Example::
 
@@ -31,7 +35,8 @@ from torch import nn
 
 from lobster_fx.instrument import lobster_info, unwrap
 from lobster_fx.pruning.checks import _as_real, check_evaluate, check_flag, check_int, check_real
-from lobster_fx.pruning.prune import Evaluate, PruneResult, _all_reduce_mean, prune
+from lobster_fx.pruning.prune import Evaluate, PruneAction, PruneResult, ScoreFn, _all_reduce_mean, check_granularity
+from lobster_fx.pruning.triggers import FIRE, IMPROVED, EveryNIterations, PlateauTrigger
 
 __all__ = ["PlateauPruner"]
 
@@ -67,6 +72,13 @@ class PlateauPruner:
             when each passes its own shard's loss; a rank that pruned alone would
             wait forever in the search's all-reduce. Every rank must then call
             ``step`` equally often. ``False``: each rank decides from its own value.
+        granularity: what each pruning phase removes: ``"weight"`` (the paper) or
+            ``"neuron"`` (whole units; see :func:`lobster_fx.prune`).
+        score_fn: the unit score of ``"neuron"`` phases (default: the unit's weight norm).
+
+    ``trigger`` and ``action`` hold the decision and the pruning settings; the
+    attributes ``twt``, ``pwe``, ``threshold``, ``every_n_iterations``, ``best``,
+    ``bad_epochs`` read them.
 
     :meth:`step` is all or nothing: if the pruning phase raises (``evaluate``
     fails, a NaN loss, an interrupt), the model, the optimizer state and the
@@ -88,6 +100,8 @@ class PlateauPruner:
         search_precision: float = 0.0,
         optimizer: torch.optim.Optimizer | None = None,
         sync_distributed: bool = True,
+        granularity: str = "weight",
+        score_fn: ScoreFn | None = None,
     ) -> None:
         who = "PlateauPruner"
         check_evaluate(evaluate, who)
@@ -100,27 +114,43 @@ class PlateauPruner:
         reuse_val_loss = check_flag(reuse_val_loss, "reuse_val_loss", who)
         search_precision = check_real(search_precision, "search_precision", who, minimum=0, below=1)
         sync_distributed = check_flag(sync_distributed, "sync_distributed", who)
+        check_granularity(granularity, score_fn, who)
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"PlateauPruner: optimizer must be a torch.optim.Optimizer or None, "
                             f"got {optimizer!r} ({type(optimizer).__name__})")
         self.gm = unwrap(gm)
         lobster_info(self.gm)  # TypeError now, not at the first pruning, if gm is not instrumented
         self.evaluate = evaluate
-        self.twt = twt
-        self.pwe = pwe
         self.rollback = rollback
-        self.every_n_iterations = every_n_iterations
-        self.threshold = threshold
         self.reuse_val_loss = reuse_val_loss
-        self.search_precision = search_precision
         self.optimizer = optimizer
         self.sync_distributed = sync_distributed
-        self.best: float = math.inf
-        self.bad_epochs = 0
         self.calls = 0
         self.history: list[dict[str, Any]] = []
         self._best_state: dict[str, torch.Tensor] | None = None
         self._best_optimizer_state: dict[str, Any] | None = None
+        #: the plateau rule's settings (and counters, in plateau mode)
+        self._plateau = PlateauTrigger(pwe, threshold)
+        #: when to prune: the plateau rule, or every N iterations
+        self.trigger: PlateauTrigger | EveryNIterations = (
+            self._plateau if every_n_iterations is None else EveryNIterations(every_n_iterations))
+        #: what to prune
+        self.action = PruneAction(twt, granularity=granularity, score_fn=score_fn, precision=search_precision,
+                                  sync_distributed=sync_distributed, who=who)
+
+    # settings and counters, read from the trigger and the action
+    twt = property(lambda self: self.action.twt)
+    search_precision = property(lambda self: self.action.precision)
+    granularity = property(lambda self: self.action.granularity)
+    score_fn = property(lambda self: self.action.score_fn)
+    pwe = property(lambda self: self._plateau.pwe)
+    threshold = property(lambda self: self._plateau.threshold)
+    best = property(lambda self: self.trigger.best)
+    bad_epochs = property(lambda self: self.trigger.bad_epochs)
+
+    @property
+    def every_n_iterations(self) -> int | None:
+        return self.trigger.n if isinstance(self.trigger, EveryNIterations) else None
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.gm.state_dict().items()}
@@ -152,42 +182,39 @@ class PlateauPruner:
         All or nothing: if anything raises (a bad ``val_loss``, the rollback, the
         pruning phase), the model (weights and masks), the optimizer state and the
         counters are as they were before the call."""
-        counters = (self.calls, self.bad_epochs, self.best)
+        counters = (self.calls, self.trigger.state_dict())
         try:
             return self._step(val_loss)
         except BaseException:
-            self.calls, self.bad_epochs, self.best = counters
+            self.calls = counters[0]
+            self.trigger.load_state_dict(counters[1])
             raise
 
     def _step(self, val_loss: float | None) -> PruneResult | None:
         self.calls += 1
-        if self.every_n_iterations is not None:
-            if self.calls % self.every_n_iterations:
-                return None
-            return self._prune_or_undo(None, None)
-        if val_loss is None:
-            raise ValueError("PlateauPruner.step(val_loss): val_loss is required in plateau mode")
-        loss = _as_real(val_loss)
-        if loss is None:
-            raise TypeError(f"PlateauPruner.step: val_loss must be a finite float, got {val_loss!r} "
-                            f"({type(val_loss).__name__})")
-        if self.sync_distributed:
-            # before the finiteness check: a NaN on one rank reaches all, so all raise together
-            loss = _all_reduce_mean(loss)
-        if not math.isfinite(loss):
-            raise ValueError(f"PlateauPruner.step: val_loss is {loss} (averaged over ranks if distributed)")
-        if loss < self.best * (1 - self.threshold):  # best starts at inf
-            self.best = loss
-            self.bad_epochs = 0
+        loss = None
+        if self.trigger.needs_loss:
+            if val_loss is None:
+                raise ValueError("PlateauPruner.step(val_loss): val_loss is required in plateau mode")
+            loss = _as_real(val_loss)
+            if loss is None:
+                raise TypeError(f"PlateauPruner.step: val_loss must be a finite float, got {val_loss!r} "
+                                f"({type(val_loss).__name__})")
+            if self.sync_distributed:
+                # before the finiteness check: a NaN on one rank reaches all, so all raise together
+                loss = _all_reduce_mean(loss)
+            if not math.isfinite(loss):
+                raise ValueError(f"PlateauPruner.step: val_loss is {loss} (averaged over ranks if distributed)")
+        decision = self.trigger.observe(loss)
+        if decision == IMPROVED:
             if self.rollback:
                 self._take_best()
             return None
-        self.bad_epochs += 1
-        if self.bad_epochs < self.pwe:
+        if decision != FIRE:
             return None
         loss_before = None
         before = None
-        if self.rollback and self._best_state is not None:
+        if self.trigger.needs_loss and self.rollback and self._best_state is not None:
             # rollback overwrites the model in place: keep what to put back if pruning fails
             before = (self._snapshot(), self._optimizer_snapshot())
             if self.reuse_val_loss:
@@ -204,8 +231,7 @@ class PlateauPruner:
         try:
             if before is not None:
                 self._restore(self._best_state, self._best_optimizer_state)
-            result = prune(self.gm, self.evaluate, self.twt, loss_before=loss_before,
-                           sync_distributed=self.sync_distributed, precision=self.search_precision)
+            result = self.action(self.gm, self.evaluate, loss_before=loss_before)
         except BaseException:
             # prune() itself undid its own changes (to the rolled-back state); undo the rollback too
             if before is not None:
@@ -215,8 +241,7 @@ class PlateauPruner:
         best = (self._snapshot(), self._optimizer_snapshot()) if self.rollback else (None, None)
         self._best_state, self._best_optimizer_state = best
         self.history.append({"call": self.calls, **result.to_dict()})
-        self.best = result.loss_after
-        self.bad_epochs = 0
+        self.trigger.pruned(result.loss_after)
         return result
 
     def state_dict(self) -> dict[str, Any]:
@@ -228,6 +253,7 @@ class PlateauPruner:
             "threshold": self.threshold,
             "reuse_val_loss": self.reuse_val_loss,
             "search_precision": self.search_precision,
+            "granularity": self.granularity,
             "best": self.best,
             "bad_epochs": self.bad_epochs,
             "calls": self.calls,
@@ -238,26 +264,36 @@ class PlateauPruner:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved. Every setting is checked first (the
-        message names it), so a bad checkpoint leaves this pruner as it was."""
+        message names it), so a bad checkpoint leaves this pruner as it was. ``score_fn``
+        is not saved: this pruner's own is kept."""
         who = "PlateauPruner.load_state_dict"
         every = state["every_n_iterations"]
         best, best_optimizer = state["best_state"], state.get("best_optimizer_state")
-        settings = {
-            "twt": check_real(state["twt"], "twt", who, minimum=0),
-            "pwe": check_int(state["pwe"], "pwe", who, minimum=1),
-            "rollback": check_flag(state["rollback"], "rollback", who),
-            "every_n_iterations": None if every is None else check_int(every, "every_n_iterations", who, minimum=1),
-            "threshold": check_real(state["threshold"], "threshold", who, minimum=0, below=1),
-            "best": float(state["best"]),  # inf until the first epoch
-            "bad_epochs": check_int(state["bad_epochs"], "bad_epochs", who, minimum=0),
-            "calls": check_int(state["calls"], "calls", who, minimum=0),
-            # keys added later: an older checkpoint keeps this pruner's own settings
-            "reuse_val_loss": check_flag(state.get("reuse_val_loss", self.reuse_val_loss), "reuse_val_loss", who),
-            "search_precision": check_real(state.get("search_precision", self.search_precision),
-                                           "search_precision", who, minimum=0, below=1),
-            "history": [dict(h) for h in state["history"]],
-            "_best_state": None if best is None else {k: v.clone() for k, v in best.items()},
-            "_best_optimizer_state": None if best_optimizer is None else copy.deepcopy(best_optimizer),
-        }
-        for key, value in settings.items():
-            setattr(self, key, value)
+        twt = check_real(state["twt"], "twt", who, minimum=0)
+        pwe = check_int(state["pwe"], "pwe", who, minimum=1)
+        rollback = check_flag(state["rollback"], "rollback", who)
+        if every is not None:
+            every = check_int(every, "every_n_iterations", who, minimum=1)
+        plateau = PlateauTrigger(pwe, check_real(state["threshold"], "threshold", who, minimum=0, below=1))
+        plateau.best = float(state["best"])  # inf until the first epoch
+        bad_epochs = check_int(state["bad_epochs"], "bad_epochs", who, minimum=0)
+        calls = check_int(state["calls"], "calls", who, minimum=0)
+        # keys added later: an older checkpoint keeps this pruner's own settings
+        reuse_val_loss = check_flag(state.get("reuse_val_loss", self.reuse_val_loss), "reuse_val_loss", who)
+        precision = check_real(state.get("search_precision", self.search_precision), "search_precision", who,
+                               minimum=0, below=1)
+        action = PruneAction(twt, granularity=state.get("granularity", self.granularity), score_fn=self.score_fn,
+                             precision=precision, sync_distributed=self.sync_distributed, who=who)
+        history = [dict(h) for h in state["history"]]
+        best_state = None if best is None else {k: v.clone() for k, v in best.items()}
+        best_optimizer_state = None if best_optimizer is None else copy.deepcopy(best_optimizer)
+        if every is None:
+            plateau.bad_epochs = bad_epochs
+            trigger: PlateauTrigger | EveryNIterations = plateau
+        else:
+            trigger = EveryNIterations(every)
+            trigger.calls, trigger.best = calls, plateau.best
+        # everything checked: take it all at once
+        self._plateau, self.trigger, self.action = plateau, trigger, action
+        self.rollback, self.reuse_val_loss, self.calls, self.history = rollback, reuse_val_loss, calls, history
+        self._best_state, self._best_optimizer_state = best_state, best_optimizer_state
