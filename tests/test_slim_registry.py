@@ -191,6 +191,22 @@ def test_registered_module_with_per_channel_state_stays_frozen(registered):
     assert torch.allclose(gm(x), model(x), rtol=1e-5, atol=1e-6)
 
 
+def test_no_registration_hint_for_a_block_that_is_not_one_op():
+    class Block(nn.Module):  # a layer inside: registering it would be wrong, so no hint
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(x) ** 2
+
+    torch.manual_seed(0)
+    model = _dead(Mlp(Block()))
+    rep = slim(model, torch.randn(5, 6)).meta["lobster_slim"]
+    reasons = [r for name, r in rep.frozen.items() if name != "output"]
+    assert reasons and all("unsupported op" in r and "register_elementwise" not in r for r in reasons), reasons
+
+
 def test_a_wrong_registration_is_caught_by_the_output_check(registered):
     torch.manual_seed(0)
     registered(Flip)

@@ -123,33 +123,6 @@ class Recorder(Interpreter):
         return out
 
 
-def _user_module_scope(n: Node) -> tuple[str, type] | None:
-    """``(call key, class)`` of the outermost call of a user-registered elementwise module
-    that FX traced through to record ``n``; None if there is none."""
-    stack = n.meta.get("nn_module_stack")
-    if not stack:
-        return None
-    for key, value in stack.items():
-        cls = value[1] if isinstance(value, tuple) and len(value) > 1 else None
-        if user_class_rule(cls) is not None:
-            return key, cls
-    return None
-
-
-def _user_module_hint(n: Node, rejects: dict[str, str]) -> str:
-    """Names the innermost user (not torch) module a frozen node was traced from, and how to
-    declare it channel-preserving (or why its registration did not apply)."""
-    stack = n.meta.get("nn_module_stack") or {}
-    for key, value in reversed(list(stack.items())):
-        cls = value[1] if isinstance(value, tuple) and len(value) > 1 else None
-        if key in rejects:
-            return f" (inside {value[0]}: {rejects[key]})"
-        if isinstance(cls, type) and not cls.__module__.startswith("torch."):
-            return (f" (inside {value[0]}: {cls.__name__}; if it is elementwise: "
-                    f"lobster_fx.register_elementwise({cls.__name__}))")
-    return ""
-
-
 class Analysis:
     """One pass over the graph: channel groups, constants, removable units."""
 
@@ -233,7 +206,7 @@ class Analysis:
             except Unsupported as e:
                 reason = str(e)
                 if reason.startswith("unsupported op"):
-                    reason += _user_module_hint(n, self.region_rejects)
+                    reason += self._hint(n)
                 self._freeze_inputs(n, reason)
                 lay, role = None, "frozen"
             self.layout[n] = lay
@@ -279,41 +252,79 @@ class Analysis:
 
     # -- a user's elementwise module that FX traced through ------------------- #
 
+    def _module_calls(self) -> dict[str, tuple[str, type, list[Node]]]:
+        """Every module call FX traced through, by its ``nn_module_stack`` key:
+        ``(path, class, nodes recorded inside it)``."""
+        if self._calls is None:
+            self._calls = {}
+            for n in self.graph.nodes:
+                if n.op in ("call_function", "call_method", "call_module", "get_attr"):
+                    for key, value in (n.meta.get("nn_module_stack") or {}).items():
+                        if isinstance(value, tuple) and len(value) > 1 and isinstance(value[1], type):
+                            self._calls.setdefault(key, (str(value[0]), value[1], []))[2].append(n)
+        return self._calls
+
+    def _why_not_one_op(self, nodes: list[Node]) -> tuple[str | None, Node | None]:
+        """Why the nodes of a module call are not one op of one tensor (None if they are),
+        and that tensor."""
+        members = set(nodes)
+        ext = {a for m in nodes for a in m.all_input_nodes if a not in members}
+        tensors = [a for a in ext if a.op != "get_attr"]
+        outputs = [m for m in nodes if any(u not in members for u in m.users)]
+        state = [get_tensor(self.gm, a.target) for a in ext | members if a.op == "get_attr"]
+        if len(tensors) != 1:
+            return f"takes {len(tensors)} tensors", None
+        if any(m in self.layers or m in self.not_layer for m in nodes):
+            return "contains a linear/conv", None
+        if any(isinstance(t, torch.Tensor) and t.numel() > 1 for t in state):
+            return "holds a tensor of more than one element (per-channel state is not elementwise)", None
+        if any(self.shapes.get(m) != self.shapes.get(tensors[0]) for m in outputs):
+            return "changes the shape", None
+        return None, tensors[0]
+
     def _user_regions(self) -> dict[Node, tuple[str, type, Node]]:
         """Node -> (call key, class, input) for the nodes recorded inside a call of a module
         class a user registered as elementwise (FX traced through it: no ``call_module``
-        node). A call that is not one op of one tensor (two tensor inputs, a linear / conv
-        inside, per-channel state, an output of another shape) is visited node by node
-        instead; why is kept for the frozen reasons."""
-        calls: dict[str, tuple[type, list[Node]]] = {}
-        for n in self.graph.nodes:
-            if n.op in ("call_function", "call_method", "call_module", "get_attr"):
-                scope = _user_module_scope(n)
-                if scope is not None:
-                    calls.setdefault(scope[0], (scope[1], []))[1].append(n)
-        out: dict[Node, tuple[str, type, Node]] = {}
+        node; the outermost such call). A call that is not one op of one tensor (two tensor
+        inputs, a linear / conv inside, per-channel state, an output of another shape) is
+        visited node by node instead; why is kept for the frozen reasons."""
+        self._calls: dict[str, tuple[str, type, list[Node]]] | None = None
         self.region_rejects: dict[str, str] = {}
-        for key, (cls, nodes) in calls.items():
-            members = set(nodes)
-            ext = {a for m in nodes for a in m.all_input_nodes if a not in members}
-            tensors = [a for a in ext if a.op != "get_attr"]
-            outputs = [m for m in nodes if any(u not in members for u in m.users)]
-            state = [get_tensor(self.gm, a.target) for a in ext | members if a.op == "get_attr"]
-            why = None
-            if len(tensors) != 1:
-                why = f"takes {len(tensors)} tensors"
-            elif any(m in self.layers or m in self.not_layer for m in nodes):
-                why = "contains a linear/conv"
-            elif any(isinstance(t, torch.Tensor) and t.numel() > 1 for t in state):
-                why = "holds a tensor of more than one element (per-channel state is not elementwise)"
-            elif any(self.shapes.get(m) != self.shapes.get(tensors[0]) for m in outputs):
-                why = "changes the shape"
+        out: dict[Node, tuple[str, type, Node]] = {}
+        outer: set[str] = set()
+        for n in self.graph.nodes:
+            for key, value in (n.meta.get("nn_module_stack") or {}).items():
+                cls = value[1] if isinstance(value, tuple) and len(value) > 1 else None
+                if user_class_rule(cls) is not None:
+                    outer.add(key)
+                    break
+        for key in outer:
+            _, cls, nodes = self._module_calls()[key]
+            why, x = self._why_not_one_op(nodes)
             if why is not None:
                 self.region_rejects[key] = f"{cls.__name__} is registered as elementwise, but this call {why}"
                 continue
             for m in nodes:
-                out[m] = (key, cls, tensors[0])
+                out[m] = (key, cls, x)
         return out
+
+    def _hint(self, n: Node) -> str:
+        """For an op slim does not know inside a user's module call that looks like one op of
+        one tensor (an activation): how to declare it channel-preserving, or why its
+        registration did not apply."""
+        stack = n.meta.get("nn_module_stack") or {}
+        for key, value in reversed(list(stack.items())):
+            if key in self.region_rejects:
+                return f" (inside {value[0]}: {self.region_rejects[key]})"
+            call = self._module_calls().get(key)
+            if call is None or call[1].__module__.startswith("torch."):
+                continue
+            path, cls, nodes = call
+            if self._why_not_one_op(nodes)[0] is not None:
+                return ""
+            return (f" (inside {path}: {cls.__name__}; if it is elementwise: "
+                    f"lobster_fx.register_elementwise({cls.__name__}))")
+        return ""
 
     def _visit_region(self, n: Node) -> tuple[Layout | None, str]:
         """A node inside a registered elementwise module's call, taken as one op of one
