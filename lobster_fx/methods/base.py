@@ -279,8 +279,9 @@ class StepRule:
         raise NotImplementedError
 
     def applies_to(self, info: MaskedParam) -> bool:
-        """Whether the term applies to this prunable parameter (asked once, at construction;
-        default: all). Parameters it does not apply to are still pinned."""
+        """Whether the term applies to this prunable parameter (asked once, inside
+        ``StepRule.__init__``: set what it reads before calling it; default: all). Parameters
+        it does not apply to are still pinned."""
         return True
 
     def terms(self, params: list[torch.Tensor], grads: list[torch.Tensor], grad_scale: torch.Tensor | None,
