@@ -16,7 +16,7 @@ A *unit* is an output feature of a ``linear`` (a row of its weight) or an output
 
 An idle tap (no listener, or :meth:`Taps.disable`) returns its input tensor itself: outputs and
 gradients are bit-identical to the untapped model, and the cost is one module call per layer
-(measured in ``benchmarks/RESULTS.md``). Taps hold no parameters or buffers: ``state_dict``
+(a few microseconds per step; see ``benchmarks/RESULTS.md``). Taps hold no parameters or buffers: ``state_dict``
 keys do not change. Remove them (:meth:`Taps.remove`) before ``fold`` / ``slim`` / export.
 
 SeReNe's loss-based sensitivity is ``taps.track(mean_abs, on="grad")`` (``|mean_b dL/dz_n|``:
@@ -42,7 +42,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -124,7 +124,7 @@ def _unit_of(node: Node, info, sub: LobsterGraphModule, prefix: str) -> Unit | s
     if weight is None or weight not in info.params:
         return f"its weight is not masked: {node.format_node()}"
     shape = info.params[weight].shape
-    if kind == "linear" and len(shape) != 2 or kind == "conv" and len(shape) != _CONV[node.target] + 2:
+    if len(shape) != (2 if kind == "linear" else _CONV[node.target] + 2):
         return f"its weight has an unexpected shape {tuple(shape)}: {node.format_node()}"
     bias_arg = _arg(node, 2, "bias")
     bias = _masked_name(bias_arg)
@@ -158,7 +158,7 @@ def find_units(gm: nn.Module, *, skipped: dict[str, str] | None = None) -> dict[
     """
     root = unwrap(gm)
     info = lobster_info(root)
-    units: dict[str, Unit] = {}
+    found: list[tuple[Node, Unit]] = []
     shared: set[str] = set()
     for path, sub in root.named_modules():
         if not isinstance(sub, LobsterGraphModule):
@@ -167,6 +167,7 @@ def find_units(gm: nn.Module, *, skipped: dict[str, str] | None = None) -> dict[
         for graph in _graphs(sub):
             seen: dict[str, Node] = {}
             for node in graph.nodes:
+                node.meta.pop(UNIT_META, None)
                 unit = _unit_of(node, info, sub, prefix)
                 if unit is None:
                     continue
@@ -181,9 +182,20 @@ def find_units(gm: nn.Module, *, skipped: dict[str, str] | None = None) -> dict[
                                                           f"{seen[unit.weight].format_node()}: {node.format_node()}")
                     continue
                 seen[unit.weight] = node
-                node.meta[UNIT_META] = unit
-                units.setdefault(unit.name, unit)
-    return {name: u for name, u in units.items() if u.weight not in shared}
+                found.append((node, unit))
+    # a layer is named after its module; a module with several unit weights, after each weight
+    weights_of: dict[str, set[str]] = {}
+    for _, unit in found:
+        weights_of.setdefault(unit.name, set()).add(unit.weight)
+    units: dict[str, Unit] = {}
+    for node, unit in found:
+        if unit.weight in shared:
+            continue
+        if len(weights_of[unit.name]) > 1:
+            unit = replace(unit, name=unit.weight)
+        node.meta[UNIT_META] = unit
+        units.setdefault(unit.name, unit)
+    return units
 
 
 def per_unit(t: torch.Tensor, channel_dim: int) -> torch.Tensor:

@@ -117,9 +117,9 @@ def distinct_magnitudes(weights: Sequence[torch.Tensor], masks: Sequence[torch.T
     """The sorted distinct ``|w|`` over the entries whose mask is not 0: the threshold candidates.
 
     In the weights' common dtype (every candidate is exactly one of them) and sorted in
-    place (no int64 sort indices). On 100.7M float32 weights (403 MB) the extra peak
-    memory is 0.87 GB (2.9 s); ``torch.unique`` over a float64 ``torch.cat`` of them
-    took 3.5 GB (15.8 s), and ran ViT-H/14's 630M weights out of a 24 GB machine.
+    place (no int64 sort indices): the extra peak memory is about two copies of the live
+    weights, where ``torch.unique`` over a float64 ``torch.cat`` needs several times more
+    (the measurements belong in ``benchmarks/RESULTS.md``).
 
         >>> distinct_magnitudes([torch.tensor([-2.0, 1.0, 2.0, 3.0])], [torch.tensor([1.0, 1.0, 1.0, 0.0])])
         tensor([1., 2.])
