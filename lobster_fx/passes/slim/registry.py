@@ -215,10 +215,11 @@ def register_elementwise(target: T) -> T:
     *Channel-preserving* means the same function of every element: the output has the
     input's shape, element ``i`` depends only on input element ``i``, and the module has
     no per-channel state. A registered module class matches its instances wherever they
-    are in the graph: called as a module (a leaf, or code that did not trace), or traced
-    through (the nodes FX recorded inside that call, found by their ``nn_module_stack``,
-    are taken as one op of one tensor; its parameters and buffers must be scalars). A
-    subclass matches if it does not override ``forward``.
+    are in the graph: called as a module (a leaf, e.g. one that writes its own buffers),
+    or traced through (the nodes FX recorded inside that call, found by their
+    ``nn_module_stack``, are taken as one op of one tensor; its parameters and buffers must
+    be scalars; a graph rebuilt from code, e.g. unpickled, has no ``nn_module_stack``, so
+    there its ops are seen one by one). A subclass matches if it does not override ``forward``.
 
     A plain Python function is traced through by FX, so slim sees its ops rather than the
     function; registering it only helps where it is a node of its own. Registering a wrong
