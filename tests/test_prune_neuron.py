@@ -1,6 +1,7 @@
 """prune(granularity="neuron"): whole units, the bound, evaluated thresholds only, score_fn, slim."""
 
 import math
+import pickle
 
 import pytest
 import torch
@@ -226,3 +227,5 @@ def test_units_are_found_in_the_graph_and_named_after_their_modules():
     }
     tagged = [n for n in gm.graph.nodes if "lobster_unit" in n.meta]
     assert [n.meta["lobster_unit"].name for n in tagged] == ["conv1", "conv2", "fc1", "fc2"]
+    # a pickled module's graphs are re-traced without node meta: the units are found from the parameters
+    assert find_units(pickle.loads(pickle.dumps(gm))) == units

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import lobster_fx
-from lobster_fx.graph.taps import TAPS_ATTR, UnitTap, install_taps, mean_abs, per_unit, remove_taps
+from lobster_fx.graph.taps import TAP_PREFIX, UnitTap, install_taps, mean_abs, per_unit, remove_taps, tap_point
 
 
 class _Net(nn.Module):
@@ -135,7 +135,7 @@ def test_handles_remove_and_install_twice_returns_the_same_taps():
     taps = install_taps(gm)
     again = install_taps(gm)
     assert all(again[k] is taps[k] for k in taps)
-    assert sum(n.op == "call_module" and n.target.startswith(TAPS_ATTR) for n in gm.graph.nodes) == 3
+    assert sum(n.target is tap_point for n in gm.graph.nodes) == 3
     seen = []
     handle = taps["fc2"].on_output(lambda z, tap: seen.append(tuple(z.shape)))
     gm(torch.randn(2, 2, 6, 6))
@@ -151,7 +151,7 @@ def test_remove_gives_back_the_graph_and_slim_works_after():
     code = {mode: gm.mode_graphs[mode].python_code("self").src for mode in (True, False)}
     taps = install_taps(gm)
     taps.remove()
-    assert not hasattr(gm, TAPS_ATTR) and len(taps) == 0
+    assert not any(k.startswith(TAP_PREFIX) for k in dir(gm)) and len(taps) == 0
     assert {mode: gm.mode_graphs[mode].python_code("self").src for mode in (True, False)} == code
     remove_taps(gm)  # nothing left: no error
     x = torch.randn(4, 2, 6, 6)
@@ -165,9 +165,15 @@ def test_copies_and_pickles_keep_the_taps_but_not_the_listeners():
     stat = taps.track(mean_abs)
     x = torch.randn(2, 2, 6, 6)
     for clone in (copy.deepcopy(gm), pickle.loads(pickle.dumps(gm))):
-        tap = clone.get_submodule(TAPS_ATTR).t0
+        tap = getattr(clone, f"{TAP_PREFIX}0")
         assert isinstance(tap, UnitTap) and tap._idle and tap._output_fns == []
         assert torch.equal(clone(x), gm(x))
+        assert all(sum(n.target is tap_point for n in g.nodes) == 3 for g in clone.mode_graphs.values())
+        clone_taps = install_taps(clone)  # the copy's own taps, found again
+        assert clone_taps["conv"] is tap
+        on_clone = clone_taps.track(mean_abs)
+        clone(x)
+        assert on_clone.calls == {name: 1 for name in LAYERS}
     assert stat.calls["conv"] == 2  # only the original's taps were called
 
 

@@ -7,8 +7,8 @@ A *unit* is an output feature of a ``linear`` (a row of its weight) or an output
   modes), writes a :class:`Unit` into the layer node's ``node.meta["lobster_unit"]`` and
   returns them keyed by the layer's name (its module path in the original model). Neuron
   pruning (``prune(..., granularity="neuron")``) uses it too.
-* :func:`install_taps` is the pass: after each unit layer it inserts a ``call_module`` of a
-  :class:`UnitTap` (identity) and returns a :class:`Taps` mapping. A method listens with
+* :func:`install_taps` is the pass: after each unit layer it inserts a :func:`tap_point` node
+  reading a :class:`UnitTap` (identity) and returns a :class:`Taps` mapping. A method listens with
   :meth:`UnitTap.on_output` (called with ``z`` at each forward) or :meth:`UnitTap.on_grad`
   (called with ``dL/dz`` during the same backward, by a tensor hook on ``z``); or, for every
   layer at once, :meth:`Taps.track` keeps a per-unit statistic (a mean over batches, or every
@@ -63,13 +63,14 @@ __all__ = [
     "per_unit",
     "mean_abs",
     "UNIT_META",
-    "TAPS_ATTR",
+    "TAP_PREFIX",
+    "tap_point",
 ]
 
 #: ``node.meta`` key of a unit layer's :class:`Unit`
 UNIT_META = "lobster_unit"
-#: attribute of a (sub)graph module holding its taps
-TAPS_ATTR = "lobster_taps"
+#: attributes of a (sub)graph module holding its taps: ``lobster_tap_0``, ...
+TAP_PREFIX = "lobster_tap_"
 
 _LINEAR = {torch._C._nn.linear, F.linear}
 _CONV = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3, F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
@@ -95,11 +96,16 @@ def _arg(node: Node, i: int, name: str):
     return node.args[i] if len(node.args) > i else node.kwargs.get(name)
 
 
-def _masked_name(arg: object) -> str | None:
-    """The masked parameter read by ``arg`` (a ``masked_weight`` node), else None."""
-    if isinstance(arg, Node) and arg.op == "call_function" and arg.target is masked_weight:
-        return arg.meta.get("lobster_mask")
-    return None
+def _masked_name(arg: object, by_path: dict[str, str], prefix: str) -> str | None:
+    """The masked parameter read by ``arg`` (a ``masked_weight`` node), else None. From the node's
+    meta, or from the parameter it reads (a pickled module's graphs are re-traced without meta)."""
+    if not (isinstance(arg, Node) and arg.op == "call_function" and arg.target is masked_weight):
+        return None
+    name = arg.meta.get("lobster_mask")
+    raw = arg.args[0] if arg.args else None
+    if name is None and isinstance(raw, Node) and raw.op == "get_attr":
+        name = by_path.get(prefix + raw.target)
+    return name
 
 
 def _owner(info, weight: str) -> str:
@@ -110,7 +116,7 @@ def _graphs(sub: LobsterGraphModule) -> list[Graph]:
     return list({id(g): g for g in sub.mode_graphs.values()}.values())
 
 
-def _unit_of(node: Node, info, sub: LobsterGraphModule, prefix: str) -> Unit | str | None:
+def _unit_of(node: Node, info, by_path: dict[str, str], sub: LobsterGraphModule, prefix: str) -> Unit | str | None:
     """The :class:`Unit` of ``node``, None if it is no linear / conv, or why it is not usable."""
     if node.op != "call_function":
         return None
@@ -120,14 +126,14 @@ def _unit_of(node: Node, info, sub: LobsterGraphModule, prefix: str) -> Unit | s
         kind = "conv"
     else:
         return None
-    weight = _masked_name(_arg(node, 1, "weight"))
+    weight = _masked_name(_arg(node, 1, "weight"), by_path, prefix)
     if weight is None or weight not in info.params:
         return f"its weight is not masked: {node.format_node()}"
     shape = info.params[weight].shape
     if len(shape) != (2 if kind == "linear" else _CONV[node.target] + 2):
         return f"its weight has an unexpected shape {tuple(shape)}: {node.format_node()}"
     bias_arg = _arg(node, 2, "bias")
-    bias = _masked_name(bias_arg)
+    bias = _masked_name(bias_arg, by_path, prefix)
     norm = None
     users = list(node.users)
     if len(users) == 1 and users[0].op == "call_module" and users[0].args[:1] == (node,):
@@ -158,6 +164,7 @@ def find_units(gm: nn.Module, *, skipped: dict[str, str] | None = None) -> dict[
     """
     root = unwrap(gm)
     info = lobster_info(root)
+    by_path = {p.param_path: p.name for p in info.params.values()}
     found: list[tuple[Node, Unit]] = []
     shared: set[str] = set()
     for path, sub in root.named_modules():
@@ -168,7 +175,7 @@ def find_units(gm: nn.Module, *, skipped: dict[str, str] | None = None) -> dict[
             seen: dict[str, Node] = {}
             for node in graph.nodes:
                 node.meta.pop(UNIT_META, None)
-                unit = _unit_of(node, info, sub, prefix)
+                unit = _unit_of(node, info, by_path, sub, prefix)
                 if unit is None:
                     continue
                 if isinstance(unit, str):
@@ -237,6 +244,7 @@ class UnitTap(nn.Module):
         self.count = unit.count
         self.channel_dim = unit.channel_dim
         self.enabled = True
+        self.attr_name = ""  #: its attribute in the graph module (set by install_taps)
         self._output_fns: list[Callable] = []
         self._grad_fns: list[Callable] = []
         self._idle = True
@@ -369,8 +377,22 @@ class Taps(Mapping):
         self._taps = {}
 
 
+def tap_point(z: torch.Tensor, tap: UnitTap) -> torch.Tensor:
+    """The graph's call of a tap: ``z`` itself while ``tap`` is idle, else ``tap``'s listeners run.
+
+    A plain function reading the tap from the graph module's instance attributes: an idle tap
+    costs one attribute read and one call, not a module call."""
+    if isinstance(z, torch.fx.Proxy):  # re-traced (a pickled GraphModule is): stay one node
+        if not isinstance(tap, torch.fx.Proxy):
+            tap = z.tracer.create_proxy("get_attr", tap.attr_name, (), {})
+        return z.tracer.create_proxy("call_function", tap_point, (z, tap), {})
+    if tap._idle:
+        return z
+    return tap.forward(z)
+
+
 def _tap_nodes(graph: Graph) -> list[Node]:
-    return [n for n in graph.nodes if n.op == "call_module" and str(n.target).startswith(TAPS_ATTR + ".")]
+    return [n for n in graph.nodes if n.op == "call_function" and n.target is tap_point]
 
 
 def install_taps(gm: nn.Module) -> Taps:
@@ -392,30 +414,30 @@ def install_taps(gm: nn.Module) -> Taps:
     for path, sub in root.named_modules():
         if not isinstance(sub, LobsterGraphModule):
             continue
-        holder = getattr(sub, TAPS_ATTR, None)
+        attr_of: dict[str, str] = {}  # layer name -> the tap's attribute in ``sub``
         changed = False
         for graph in _graphs(sub):
             for node in list(graph.nodes):
                 unit = node.meta.get(UNIT_META)
                 if unit is None or unit.name not in units or unit.module != path:
                     continue
-                existing = [u for u in node.users if u.op == "call_module" and str(u.target).startswith(TAPS_ATTR + ".")]
+                existing = [u for u in node.users if u.op == "call_function" and u.target is tap_point]
                 if existing:  # installed before
-                    taps[unit.name] = sub.get_submodule(existing[0].target)
+                    taps[unit.name] = getattr(sub, existing[0].args[1].target)
                     continue
-                if holder is None:
-                    holder = nn.Module()
-                    sub.add_module(TAPS_ATTR, holder)
-                if unit.name not in taps:
-                    target = f"t{len(taps)}"
-                    while hasattr(holder, target):
-                        target += "_"
-                    taps[unit.name] = UnitTap(unit)
-                    holder.add_module(target, taps[unit.name])
-                else:  # the other mode's graph: the same tap module
-                    target = next(k for k, t in holder.named_children() if t is taps[unit.name])
+                if unit.name not in attr_of:
+                    attr = f"{TAP_PREFIX}{len(taps)}"
+                    while hasattr(sub, attr):
+                        attr += "_"
+                    tap = taps.setdefault(unit.name, UnitTap(unit))
+                    tap.attr_name = attr
+                    # an instance attribute, not a registered submodule: read without nn.Module.__getattr__
+                    sub.__dict__[attr] = tap
+                    attr_of[unit.name] = attr
                 with graph.inserting_after(node):
-                    tap_node = graph.call_module(f"{TAPS_ATTR}.{target}", (node,))
+                    get = graph.get_attr(attr_of[unit.name])
+                with graph.inserting_after(get):
+                    tap_node = graph.call_function(tap_point, (node, get))
                 node.replace_all_uses_with(tap_node, delete_user_cb=lambda u, t=tap_node: u is not t)
                 tap_node.meta["lobster_tap"] = unit.name
                 changed = True
@@ -428,11 +450,19 @@ def remove_taps(gm: nn.Module) -> None:
     """Undo :func:`install_taps` on ``gm`` (nothing to do if it has no taps)."""
     root = unwrap(gm)
     for sub in root.modules():
-        if not isinstance(sub, LobsterGraphModule) or not hasattr(sub, TAPS_ATTR):
+        if not isinstance(sub, LobsterGraphModule):
             continue
+        attrs: set[str] = set()
         for graph in _graphs(sub):
             for node in _tap_nodes(graph):
+                get = node.args[1]
                 node.replace_all_uses_with(node.args[0])
                 graph.erase_node(node)
-        delattr(sub, TAPS_ATTR)
-        sub.recompile_all()
+                if isinstance(get, Node) and get.op == "get_attr" and not get.users:
+                    attrs.add(get.target)
+                    graph.erase_node(get)
+        for attr in attrs:
+            if hasattr(sub, attr):
+                delattr(sub, attr)
+        if attrs:
+            sub.recompile_all()
