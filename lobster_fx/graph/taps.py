@@ -15,13 +15,21 @@ A *unit* is an output feature of a ``linear`` (a row of its weight) or an output
   batch's value). The user's training loop does not change.
 
 An idle tap (no listener, or :meth:`Taps.disable`) returns its input tensor itself: outputs and
-gradients are bit-identical to the untapped model, and the cost is one module call per layer
-(a few microseconds per step; see ``benchmarks/RESULTS.md``). Taps hold no parameters or buffers: ``state_dict``
-keys do not change. Remove them (:meth:`Taps.remove`) before ``fold`` / ``slim`` / export.
+gradients are bit-identical to the untapped model, and the cost is one attribute read and one
+function call per layer. Under ``torch.compile`` idle taps add no graph break (dynamo guards on
+whether a tap listens: starting or stopping to listen recompiles once; listeners are Python code
+and break the graph while they listen). Taps hold no parameters or buffers: ``state_dict`` keys
+do not change. Remove them (:meth:`Taps.remove`) before ``fold`` / ``slim`` / export.
 
-SeReNe's loss-based sensitivity is ``taps.track(mean_abs, on="grad")`` (``|mean_b dL/dz_n|``:
-use ``lambda u: u.mean(1).abs()``); NEq's per-neuron outputs on a validation subset are
-``taps.track(lambda u: u.detach().clone(), on="output", keep="all")`` run under ``eval()``.
+For the methods that build on them:
+
+* SeReNe's loss-based sensitivity ``|mean_b dL/dz_n|`` is ``taps.track(lambda u: u.mean(1),
+  on="grad")`` then ``.abs()``; its output-based one, ``mean |d(sum_k y_k)/dz_n|``, needs one more
+  backward: keep each ``z`` with :meth:`UnitTap.on_output` (attached) and call
+  ``torch.autograd.grad(y.sum(), zs, retain_graph=True)`` before the loss's backward.
+* NEq's per-neuron outputs on a validation subset are ``taps.track(lambda u: u.clone(),
+  on="output", keep="all")`` run under ``eval()`` (the eval graph has its taps too); the cosine
+  between two epochs' concatenated outputs is then per row of ``torch.cat(values, 1)``.
 
 Example::
 
