@@ -30,7 +30,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 #: measured with this script on 2026-11-22, before ``masked_weight`` kept the weight's strides
 HISTORY = (
-    "Before 2026-11-22's fix (`lobster_fx.instrument.masked_weight` keeps a channels-last weight's "
+    "Before 2026-11-22's fix (`lobster_fx.graph.instrument.masked_weight` keeps a channels-last weight's "
     "strides; `w * mask` gave conv1's 20x1x5x5 weight NCHW strides), this script measured 'lobster "
     "channels-last' at 26.8 ms per step (16.1 s per training pass) against 17.0 ms (10.2 s) plain: "
     "every LeNet-5 reproduction run (`--channels-last`) was trained with that ~1.5x step cost."

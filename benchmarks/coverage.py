@@ -18,7 +18,7 @@ of the message, seconds):
                 train-mode loss with frozen BatchNorm, seeded).
   fold          lobster_fx.fold; eval outputs vs the instrumented model <= 1e-6
                 (``exact`` records bit-identity).
-  slim          lobster_fx.slim_with_report on the folded model; outputs within
+  slim          lobster_fx.slim on the folded model; outputs within
                 1e-5 * max|ref| (slim checks that itself, and we check again).
   export        export_onnx(gm, slim=False): fold, torch.onnx (dynamo), sparse
                 initializers, ONNX Runtime parity (raises ExportError otherwise).
@@ -55,9 +55,10 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -481,7 +482,7 @@ def _eval_outputs(model: Any, inputs: tuple) -> list:
         return [t.detach().clone() for t in _tensors(model(*inputs))]
 
 
-def _calibrate_bn(model: Any, inputs: tuple, spec: "Spec") -> bool:
+def _calibrate_bn(model: Any, inputs: tuple, spec: Spec) -> bool:
     """Set BatchNorm running statistics to those of the example batch.
 
     With random weights and the default running stats (mean 0, var 1), eval-mode
@@ -533,7 +534,7 @@ def _max_rel_err(a, b, shape_error: str) -> float:
 
 def _zero_share(m) -> float:
     """Share of the prunable parameters of an instrumented model that are zero."""
-    from lobster_fx.instrument import masked_parameters
+    from lobster_fx.graph.instrument import masked_parameters
 
     ws = [p for _, p, _ in masked_parameters(m)]
     total = sum(p.numel() for p in ws)
@@ -545,7 +546,7 @@ def run_worker(spec: Spec, out_file: Path, threads: int) -> None:
 
     torch.set_num_threads(threads)
     import lobster_fx
-    from lobster_fx.slim import slim_with_report
+    from lobster_fx.passes.slim import slim as slim_pass
 
     rec: dict[str, Any] = {"name": spec.name, "family": spec.family, "note": spec.note, "stages": {}}
 
@@ -805,18 +806,18 @@ def run_worker(spec: Spec, out_file: Path, threads: int) -> None:
     if stage("fold", fold):
         def slim():
             folded = state["folded"]
-            res = slim_with_report(folded, inputs)
+            slimmed = slim_pass(folded, inputs)
             a = _eval_outputs(folded, inputs)
-            b = _eval_outputs(res.module, inputs)
+            b = _eval_outputs(slimmed, inputs)
             if len(a) != len(b):
                 raise AssertionError("slim changed the number of outputs")
             worst = _max_rel_err(a, b, "slim changed an output shape")
             if worst > 1e-5:
                 raise AssertionError(f"slim outputs differ by {worst:.3g} relative (> 1e-5)")
-            r = res.report
+            r = slimmed.meta["lobster_slim"]
             out = {"params_before": r.params_before, "params_after": r.params_after, "rounds": r.rounds,
                    "rel_err": worst, "frozen_groups": len(r.frozen)}
-            del res, a, b, folded
+            del slimmed, a, b, folded
             state.pop("folded")  # not needed past here: free it for the largest models
             # random weights leave no dead units, so slim has nothing to do on the pruned model:
             # also kill 30% of the output units of every masked weight (rows of the masks, biases
@@ -832,16 +833,16 @@ def run_worker(spec: Spec, out_file: Path, threads: int) -> None:
             ffold = lobster_fx.fold(forced)
             del forced
             try:
-                fres = slim_with_report(ffold, inputs)
+                fslimmed = slim_pass(ffold, inputs)
             except Exception as e:
                 raise type(e)(f"with 30% dead units: {_first_line(e)}") from e
             a = _eval_outputs(ffold, inputs)
-            b = _eval_outputs(fres.module, inputs)
+            b = _eval_outputs(fslimmed, inputs)
             err = _max_rel_err(a, b, "with 30% dead units: output shape")
             if err > 1e-5:
                 raise AssertionError(f"with 30% dead units: outputs differ by {err:.3g} relative (> 1e-5)")
-            out.update(forced_params_before=fres.report.params_before, forced_params_after=fres.report.params_after,
-                       forced_frozen_groups=len(fres.report.frozen))
+            out.update(forced_params_before=fslimmed.meta["lobster_slim"].params_before, forced_params_after=fslimmed.meta["lobster_slim"].params_after,
+                       forced_frozen_groups=len(fslimmed.meta["lobster_slim"].frozen))
             return out
 
         stage("slim", slim)

@@ -70,9 +70,9 @@ def _build(name: str, side: str):
 
 
 def _instrument_module():
-    import lobster_fx  # noqa: F401  (lobster_fx.instrument is also the function's name)
+    import lobster_fx  # noqa: F401  (lobster_fx.graph.instrument is also the function's name)
 
-    return sys.modules["lobster_fx.instrument"]
+    return sys.modules["lobster_fx.graph.instrument"]
 
 
 def _fast_path(on: bool) -> None:

@@ -86,16 +86,17 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 import lobster_fx
-from lobster_fx import benchmark, export_onnx, fold, instrument, slim_with_report, to_sparse_csr
-from lobster_fx.models import LeNet300, LeNet5
+from lobster_fx import benchmark, export_onnx, fold, instrument, slim, to_sparse_csr
+from lobster_fx.models import LeNet5, LeNet300
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -237,7 +238,7 @@ def lobster_like_masks(model: nn.Module, names: list[str], spec: Spec, sparsity:
 @torch.no_grad()
 def apply_masks(gm: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """Write the masks into the instrumented model's buffers and multiply the weights."""
-    from lobster_fx.instrument import masked_parameters
+    from lobster_fx.graph.instrument import masked_parameters
 
     assert set(lobster_fx.masks(gm)) == set(masks), (sorted(lobster_fx.masks(gm)), sorted(masks))
     for info, p, buf in masked_parameters(gm):
@@ -280,7 +281,7 @@ def ort_level_check(paths: dict[str, str], shape: tuple[int, ...], rounds: int, 
     for b in BATCHES:
         x = rng.standard_normal((b, *shape)).astype(np.float32)
         samples: dict[tuple[str, str], list[float]] = {k: [] for k in sessions}
-        for k, sess in sessions.items():
+        for sess in sessions.values():
             feed = {sess.get_inputs()[0].name: x}
             sess.run(None, feed)
         keys = list(sessions)
@@ -340,8 +341,7 @@ def run_config(name: str, spec: Spec, sparsity: float | None, args: argparse.Nam
         print(f"  {v:15s} {r.file_bytes:>11,} B  parity {r.parity_max_abs_diff:.2e}", flush=True)
 
     folded = fold(gm).eval()
-    sres = slim_with_report(folded, x_export)
-    slim_gm = sres.module.eval()
+    slim_gm = slim(folded, x_export).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         csr_lobster = to_sparse_csr(slim_gm, min_sparsity=0.0).eval()
@@ -355,9 +355,9 @@ def run_config(name: str, spec: Spec, sparsity: float | None, args: argparse.Nam
     csr_report = csr_lobster.meta.get("lobster_sparse")
     macs_dense = macs_per_sample(folded, spec.input_shape)
     macs_slim = macs_per_sample(slim_gm, spec.input_shape)
-    units = {k: [v.out_before, v.out_after] for k, v in sres.report.layers.items()
+    units = {k: [v.out_before, v.out_after] for k, v in slim_gm.meta["lobster_slim"].layers.items()
              if v.kind != "batchnorm" and v.out_before != v.out_after}
-    conv_out = {k: v.out_after for k, v in sres.report.layers.items() if v.kind == "conv"}
+    conv_out = {k: v.out_after for k, v in slim_gm.meta["lobster_slim"].layers.items() if v.kind == "conv"}
     odd_convs = sorted(k for k, c in conv_out.items() if c % 8)
 
     x_bench = torch.randn(1, *spec.input_shape)
@@ -419,7 +419,7 @@ def run_config(name: str, spec: Spec, sparsity: float | None, args: argparse.Nam
         "dead_fraction_made": dead_frac,
         "dead_units_made": dead_made,
         "slim_units": units,
-        "slim_params": [sres.report.params_before, sres.report.params_after],
+        "slim_params": [slim_gm.meta["lobster_slim"].params_before, slim_gm.meta["lobster_slim"].params_after],
         "slim_convs_out_channels_not_multiple_of_8": odd_convs,
         "convs": len(conv_out),
         "variants": variants,

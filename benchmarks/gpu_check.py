@@ -64,10 +64,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # this checkout's lobster_fx, not an installed copy
     sys.path.insert(0, str(ROOT))
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
+import numpy as np  # noqa: E402 (after the sys.path line above)
+import torch  # noqa: E402 (after the sys.path line above)
+import torch.nn.functional as F  # noqa: E402 (after the sys.path line above)
+from torch import nn  # noqa: E402 (after the sys.path line above)
 
 RESULTS = ROOT / "benchmarks" / "results"
 #: the whole run stays under 8 minutes: checks are cut at this many seconds from the start
@@ -118,7 +118,7 @@ def _mlp(sizes: tuple[int, ...], seed: int) -> nn.Sequential:
 def random_masks_(gm: nn.Module, zero_fraction: float, seed: int, *, matrices_only: bool = False) -> int:
     """Zero ``zero_fraction`` of each mask of the instrumented ``gm`` at random (and its
     weights); ``matrices_only`` leaves 1-D parameters (biases) whole. Returns the zeros set."""
-    from lobster_fx.instrument import masked_parameters
+    from lobster_fx.graph.instrument import masked_parameters
 
     g = torch.Generator().manual_seed(seed)
     zeros = 0
@@ -160,7 +160,7 @@ def eq6_trajectory(gm: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: in
                    weight_decay: float = 0.0) -> dict[str, torch.Tensor]:
     """``steps`` steps of eq. (6) by hand on the instrumented ``gm`` (pruned entries pinned to 0
     by the masks, non-prunable parameters plain SGD). Returns the final parameters."""
-    from lobster_fx.instrument import masked_parameters
+    from lobster_fx.graph.instrument import masked_parameters
 
     prunable = {id(p): mask for _, p, mask in masked_parameters(gm)}
     params = list(gm.parameters())
@@ -249,7 +249,7 @@ def lobster_shrink_ratio(device: str, dtype: torch.dtype, *, fused: bool, steps:
                          seed: int = 0) -> float:
     """mean |w| after ``steps`` SGD(lr=0) + Lobster steps over mean |w| before: the LOBSTER term alone."""
     import lobster_fx
-    from lobster_fx.instrument import masked_parameters
+    from lobster_fx.graph.instrument import masked_parameters
 
     model = _mlp((256, 256, 10), seed=seed).to(device=device, dtype=dtype)
     gm = lobster_fx.instrument(model)
@@ -349,7 +349,7 @@ def single_process_group(backend: str, device: str):
 def check_distributed(device: str = "cuda", *, backend: str = "nccl") -> dict[str, Any]:
     """(c) prune and PlateauPruner on a ``device`` model inside a world_size=1 ``backend`` group."""
     import lobster_fx
-    from lobster_fx.instrument import masked_parameters
+    from lobster_fx.graph.instrument import masked_parameters
 
     details: dict[str, Any] = {"device": str(device), "backend": backend}
     g = torch.Generator().manual_seed(3)
@@ -416,7 +416,7 @@ def check_distributed(device: str = "cuda", *, backend: str = "nccl") -> dict[st
 def check_csr(device: str = "cuda", *, sparsity: float = 0.98, repeats: int = 50) -> dict[str, Any]:
     """(d) ``to_sparse_csr`` of a folded pruned model on ``device`` against the dense folded model."""
     import lobster_fx
-    from lobster_fx.sparse import CsrTensor
+    from lobster_fx.passes.csr import CsrTensor
 
     gm = lobster_fx.instrument(_mlp((512, 1024, 1024, 10), seed=0).to(device))
     random_masks_(gm, sparsity, seed=4, matrices_only=True)
@@ -616,8 +616,8 @@ def check_step_overhead(device: str = "cuda", *, builder: Callable[[], nn.Module
                         rounds: int = 10, steps: int = 10, warmup: int = 3, lmbda: float = 1e-4) -> dict[str, Any]:
     """(f) training step: plain vs instrumented (masks only) vs + Lobster (default path, and eager)."""
     import lobster_fx
-    from lobster_fx.instrument import masked_parameters
-    from lobster_fx.rule import FUSE_MIN_NUMEL
+    from lobster_fx.graph.instrument import masked_parameters
+    from lobster_fx.methods.base import FUSE_MIN_NUMEL
 
     if torch.device(device).type == "cuda":
         torch.backends.cudnn.benchmark = True

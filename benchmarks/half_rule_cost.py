@@ -101,7 +101,7 @@ def main() -> None:
     if not args.no_fused:
         configs.insert(2, ("fp32", "fused", "sgd"))
     built = {c: build(*c) for c in configs}
-    for c, (_, opt) in built.items():  # warm-up (and the fused rule's compile)
+    for _, opt in built.values():  # warm-up (and the fused rule's compile)
         time_steps(opt, 3)
     per_round: dict = {c: [] for c in configs}
     for _ in range(args.rounds):

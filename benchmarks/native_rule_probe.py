@@ -27,9 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from overhead import _time_steps  # noqa: E402  (benchmarks/overhead.py: the same step as its rows)
+
 import lobster_fx  # noqa: E402
 from lobster_fx.models import LeNet300  # noqa: E402
-from overhead import _time_steps  # noqa: E402  (benchmarks/overhead.py: the same step as its rows)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -52,7 +52,7 @@ def _prune_at_random(model: torch.nn.Module, fraction: float) -> None:
 
     Same seed on every side, so all sides hold the same weights: the timing then includes the
     pass that pins pruned weights after each step, which fresh all-ones masks skip."""
-    from lobster_fx.instrument import masked_parameters
+    from lobster_fx.graph.instrument import masked_parameters
 
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -190,7 +190,7 @@ def _notes(data: dict) -> dict[str, set[str]]:
 
 
 def write_markdown(data: dict) -> None:
-    from lobster_fx.rule import FUSE_MIN_NUMEL
+    from lobster_fx.methods.base import FUSE_MIN_NUMEL
 
     meta = data["meta"]
     lines = [

@@ -52,7 +52,7 @@ VARIANTS = {
 
 def run(setting: str, variant: str, minutes: float, pwe: int, epochs: int, threads: int,
         channels_last: bool | None = None, search_precision: float = 0.0) -> None:
-    from lobster_fx.fold import fold
+    from lobster_fx.passes.fold import fold
     from lobster_fx.train import TrainConfig, atomic_save, train
 
     torch.set_num_threads(threads)
@@ -127,8 +127,8 @@ def _refresh_from_log(name: str, rec: dict, path: Path) -> None:
 def export_final_model(setting: str) -> Path:
     """benchmarks/results/<setting>.pt: the LOBSTER run's final model, folded, loadable
     into the matching ``lobster_fx.models`` class."""
-    from lobster_fx.fold import fold
-    from lobster_fx.instrument import instrument
+    from lobster_fx.graph.instrument import instrument
+    from lobster_fx.passes.fold import fold
     from lobster_fx.train import TrainConfig, build_model, load_splits
 
     state = torch.load(CKPT / f"{setting}-lobster" / "checkpoint.pt", weights_only=True)
@@ -156,7 +156,7 @@ def _final_layers(name: str, rec: dict, path: Path) -> dict | None:
     ckpt = CKPT / name / "checkpoint.pt"
     if not ckpt.exists():
         return None
-    from lobster_fx.instrument import instrument
+    from lobster_fx.graph.instrument import instrument
     from lobster_fx.report import sparsity_report
     from lobster_fx.train import TrainConfig, build_model, load_splits
 
@@ -166,7 +166,7 @@ def _final_layers(name: str, rec: dict, path: Path) -> dict | None:
     config = TrainConfig(**state["config"])
     gm = instrument(build_model(config, load_splits(config)))
     gm.load_state_dict(state["model"])
-    rec["final_layers"] = {l.name: [l.nonzero, l.numel] for l in sparsity_report(gm).layers}
+    rec["final_layers"] = {layer.name: [layer.nonzero, layer.numel] for layer in sparsity_report(gm).layers}
     path.write_text(json.dumps(rec, indent=1))
     return rec["final_layers"]
 

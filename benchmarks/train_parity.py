@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import coverage as cov  # noqa: E402  (benchmarks/coverage.py)
 
 import lobster_fx  # noqa: E402
-from lobster_fx.instrument import masked_parameters  # noqa: E402
+from lobster_fx.graph.instrument import masked_parameters  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -35,7 +35,7 @@ def _load_checkpoint_model(path: str) -> tuple[nn.Module, Any, Any, dict[str, An
         OSError, ValueError: ``path`` is missing, not a lobster-fx training checkpoint, or its
             weights do not fit the model its config names (each message names ``path``).
     """
-    from lobster_fx.instrument import instrument
+    from lobster_fx.graph.instrument import instrument
     from lobster_fx.train import (
         build_model,
         config_from_dict,
@@ -66,10 +66,10 @@ def run_demo(out: Path, *, dataset: str = "digits", data_root: str | None = None
              bench_rounds: int = 5, progress: bool = True) -> dict[str, Any]:
     """Train LeNet-300 with LOBSTER, prune, fold, slim, export, benchmark; write report.json."""
     from lobster_fx.bench import benchmark
-    from lobster_fx.export import export_onnx
-    from lobster_fx.fold import fold
+    from lobster_fx.onnx.export import export_onnx
+    from lobster_fx.passes.fold import fold
+    from lobster_fx.passes.slim import slim
     from lobster_fx.report import plot_layers, plot_training, sparsity_report
-    from lobster_fx.slim import slim_with_report
     from lobster_fx.train import TrainConfig, evaluate, train
 
     t0 = time.perf_counter()
@@ -95,8 +95,8 @@ def run_demo(out: Path, *, dataset: str = "digits", data_root: str | None = None
         "sparse": export_onnx(folded, example, files["sparse"], sparse=True, slim=False),
         "slim": export_onnx(folded, example, files["slim"], sparse=True, slim=True),
     }
-    slim_result = slim_with_report(folded, (example,))
-    slimmed, slim_report = slim_result.module, slim_result.report
+    slimmed = slim(folded, (example,))
+    slim_report = slimmed.meta["lobster_slim"]
     _, slim_test_error = evaluate(slimmed, splits.test)
     bench = benchmark({k: str(v) for k, v in files.items()}, batch_sizes=(1, 64), example_input=example,
                       rounds=bench_rounds, baseline="dense")
@@ -173,7 +173,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from lobster_fx.export import export_onnx
+    from lobster_fx.onnx.export import export_onnx
 
     gm, _, splits, _ = _load_checkpoint_model(args.checkpoint)
     report = export_onnx(gm, splits.test.x[:1], args.output, sparse=not args.dense, slim=not args.no_slim,

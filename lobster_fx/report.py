@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from lobster_fx.instrument import default_filter, lobster_info, masked_parameters, unwrap
+from lobster_fx.graph.instrument import default_filter, lobster_info, masked_parameters, unwrap
 
 __all__ = ["sparsity_report", "SparsityReport", "LayerSparsity"]
 

@@ -47,11 +47,11 @@ from lobster_fx.data import (
     load_dataset,
     load_digits,
 )
-from lobster_fx.instrument import instrument
+from lobster_fx.graph.instrument import instrument
+from lobster_fx.methods.lobster import Lobster
 from lobster_fx.models import MODELS, get_model
+from lobster_fx.pruning.schedule import PlateauPruner
 from lobster_fx.report import sparsity_report
-from lobster_fx.rule import Lobster
-from lobster_fx.schedule import PlateauPruner
 
 __all__ = [
     "RESUMABLE_CHANGES", "TrainConfig", "TrainResult", "TrainingInterrupted", "atomic_save", "atomic_write_text",

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lobster_fx.bench import BenchReport, benchmark
-from lobster_fx.export import export_onnx
+from lobster_fx.onnx.export import export_onnx
 
 # benchmark() runs each model in a fresh `sys.executable` worker that unpickles lobster_fx objects:
 # it must import this checkout's lobster_fx, not another installed copy
@@ -144,7 +144,8 @@ class _Payload:
 def test_torch_worker_refuses_a_file_it_did_not_write(tmp_path):
     """The torch worker unpickles only the file the parent wrote (SHA-256 check first):
     a file swapped in with a code payload is refused and its code never runs."""
-    from lobster_fx.bench import _file_sha256, _save_torch_model, _TorchRunner
+    from lobster_fx.bench.transport import _file_sha256, _save_torch_model
+    from lobster_fx.bench.worker import _TorchRunner
 
     own = tmp_path / "own.pt"
     _save_torch_model(nn.Linear(2, 2), str(own))
@@ -168,7 +169,7 @@ def test_worker_error_is_reported(tiny_models):
 def test_csr_graph_module_in_same_run(tiny_models):
     """A GraphModule whose code runs but does not re-trace (CSR linear) still
     travels to its worker (plain torch.load would re-trace it and fail)."""
-    from lobster_fx.sparse import to_sparse_csr
+    from lobster_fx.passes.csr import to_sparse_csr
 
     torch.manual_seed(2)
     m = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
@@ -195,3 +196,16 @@ def test_slim_and_csr_outputs_of_the_pipeline_can_be_benchmarked():
         torch_models={"slim": slimmed, "csr": csr}, example_input=torch.randn(1, 784), rounds=1, repeats=2, batch_sizes=(1,)
     )
     assert all(report.models[n].latency[1].median_ms > 0 for n in ("slim", "csr"))
+
+
+def test_worker_file_runs_without_the_package():
+    """The worker is booted by path (bench/worker.py): it must not import lobster_fx nor torch."""
+    from lobster_fx.bench.run import _WORKER_PATH
+    from lobster_fx.bench.worker import _WORKER_RUN_NAME
+
+    code = ("import runpy, sys; runpy.run_path(sys.argv[1], run_name='not_the_worker'); "
+            "print(sorted(m for m in ('lobster_fx', 'torch', 'onnx') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, _WORKER_PATH], capture_output=True, text=True, check=True,
+                         cwd="/", env={**os.environ, "PYTHONPATH": ""})
+    assert out.stdout.strip() == "[]"
+    assert Path(_WORKER_PATH).name == "worker.py" and _WORKER_RUN_NAME in Path(_WORKER_PATH).read_text()

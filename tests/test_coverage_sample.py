@@ -22,7 +22,7 @@ import torchvision
 from torch import nn
 
 import lobster_fx
-from lobster_fx.slim import slim_with_report
+from lobster_fx.passes.slim import slim
 
 
 def _tensors(out):
@@ -142,8 +142,8 @@ def test_all_stages(name, tmp_path):
             if mask.dim() >= 2 and mask.shape[0] > 1:
                 mask[torch.rand(mask.shape[0], generator=g) < 0.3] = 0
     for candidate in (folded, lobster_fx.fold(forced)):
-        res = slim_with_report(candidate, (x,))
-        for a, b in zip(_eval_out(candidate, x), _eval_out(res.module, x)):
+        slimmed = slim(candidate, (x,))
+        for a, b in zip(_eval_out(candidate, x), _eval_out(slimmed, x)):
             assert a.shape == b.shape
             assert float((a - b).abs().max()) <= 1e-5 * max(float(a.abs().max()), 1.0)
 

@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import lobster_fx
-from lobster_fx.instrument import masked_parameters
+from lobster_fx.graph.instrument import masked_parameters
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),

@@ -315,7 +315,7 @@ def test_wrong_input_shape_names_layer_and_shapes(tmp_path):
 def test_wrong_shape_in_traced_graph_module(tmp_path):
     """Traced-through Linear: the weight is a get_attr feeding F.linear, so the
     layer comes from the node's nn_module_stack, the expectation from the weight."""
-    from lobster_fx.trace import trace_model
+    from lobster_fx.graph.trace import trace_model
 
     gm = trace_model(_mlp()).module
     with pytest.raises(ValueError, match=r"layer '0' \(Linear\) expects input of shape \(\*, 784\) but got \(3, 100\)"):
@@ -345,7 +345,7 @@ def test_bad_example_inputs_type(tmp_path):
 
 
 def test_traced_graph_module_exports(tmp_path):
-    from lobster_fx.trace import trace_model
+    from lobster_fx.graph.trace import trace_model
 
     model = _sparsify_(_mlp(), 0.9)
     gm = trace_model(model).module
@@ -646,7 +646,7 @@ def test_export_keeps_no_copy_of_the_weights_alive(tmp_path, monkeypatch):
     import sys
     import weakref
 
-    fold_module = sys.modules["lobster_fx.fold"]
+    fold_module = sys.modules["lobster_fx.passes.fold"]
     copies: list[weakref.ref] = []
     real_fold = fold_module.fold
 
@@ -704,8 +704,8 @@ def _half_net(dtype: torch.dtype) -> nn.Module:
 def test_half_precision_model_folds_slims_and_exports_with_parity(tmp_path, dtype):
     # regression: slim checked bf16 / fp16 outputs at rtol 1e-5 (SlimError: one rounding is
     # 2**-8 / 2**-11), and ONNX Runtime could not load a bf16 file in the parity step
-    from lobster_fx.fold import fold
-    from lobster_fx.slim import slim_with_report
+    from lobster_fx.passes.fold import fold
+    from lobster_fx.passes.slim import slim
 
     gm = lobster_fx.instrument(_half_net(dtype))
     g = torch.Generator().manual_seed(1)
@@ -717,14 +717,14 @@ def test_half_precision_model_folds_slims_and_exports_with_parity(tmp_path, dtyp
     want = gm(x).detach()
 
     folded = fold(gm)
-    res = slim_with_report(folded, x, channel_multiple=1)  # default tolerances: follow the dtype
-    from lobster_fx.slim import default_rtol
+    slimmed = slim(folded, x, channel_multiple=1)  # default tolerances: follow the dtype
+    report = slimmed.meta["lobster_slim"]
+    from lobster_fx.passes.slim import default_rtol
 
     rtol = default_rtol(dtype)
-    assert res.report.rtol == rtol > 1e-3 and res.report.atol == 0.0
-    assert 0 < res.report.max_rel_err <= rtol
-    assert res.report.params_after < res.report.params_before
-    slimmed = res.module
+    assert report.rtol == rtol > 1e-3 and report.atol == 0.0
+    assert 0 < report.max_rel_err <= rtol
+    assert report.params_after < report.params_before
     assert slimmed.get_submodule("conv1").weight.shape[0] == 8 and slimmed.get_submodule("fc1").weight.shape[0] == 20
     assert next(slimmed.parameters()).dtype == dtype
 
@@ -753,16 +753,16 @@ def test_half_precision_model_folds_slims_and_exports_with_parity(tmp_path, dtyp
 
 
 def test_float32_tolerances_are_unchanged_and_explicit_tolerances_win(tmp_path):
-    from lobster_fx.slim import SlimError, slim_with_report
+    from lobster_fx.passes.slim import SlimError, slim
 
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(2))
-    res = slim_with_report(_half_net(torch.float32), x, channel_multiple=1)
-    assert (res.report.atol, res.report.rtol) == (0.0, 1e-5)
+    report = slim(_half_net(torch.float32), x, channel_multiple=1).meta["lobster_slim"]
+    assert (report.atol, report.rtol) == (0.0, 1e-5)
     rep = export_onnx(_half_net(torch.float32), x, tmp_path / "f32.onnx")
     assert (rep.parity_atol, rep.parity_rtol, rep.dtype, rep.notes) == (1e-5, 1e-5, "float32", [])
     # an explicit tolerance is used as given, whatever the dtype
     with pytest.raises(SlimError, match="changed the outputs"):
-        slim_with_report(_half_net(torch.bfloat16), x.bfloat16(), rtol=1e-5, channel_multiple=1)
+        slim(_half_net(torch.bfloat16), x.bfloat16(), rtol=1e-5, channel_multiple=1)
     with pytest.raises(ExportError, match="differs from torch"):
         export_onnx(_half_net(torch.float16), x.half(), tmp_path / "strict.onnx", atol=0.0, rtol=1e-6)
     assert not (tmp_path / "strict.onnx").exists()

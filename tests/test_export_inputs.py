@@ -210,14 +210,15 @@ def test_mixed_dtype_model_names_the_layer_and_its_dtypes(tmp_path):
 def test_slim_takes_keyword_and_none_inputs(form):
     """FX traces every argument as a tensor (``if mask is not None`` keeps the tensor branch):
     slim traces the model with the None ones fixed, so the slim model is right for them."""
-    from lobster_fx.slim import slim_with_report
+    from lobster_fx.passes.slim import slim
 
     make, names = FORMS[form]
     m = _hf_like()
     example, kwargs = make(_inputs(2))
     if kwargs:
         example = (*example, kwargs)
-    res = slim_with_report(m, example)
-    assert res.report.params_after < res.report.params_before
+    slimmed = slim(m, example)
+    report = slimmed.meta["lobster_slim"]
+    assert report.params_after < report.params_before
     used = {k: v for k, v in _inputs(4, seed=2).items() if k in names}
-    torch.testing.assert_close(res.module(**used), m(**used), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(slimmed(**used), m(**used), rtol=1e-5, atol=1e-6)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import lobster_fx
-from lobster_fx.instrument import masked_parameters
+from lobster_fx.graph.instrument import masked_parameters
 
 HALF = [torch.bfloat16, torch.float16]
 HALF_IDS = ["bf16", "fp16"]

@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 import lobster_fx
-from lobster_fx.instrument import masked_parameters
+from lobster_fx.graph.instrument import masked_parameters
 
 # a sample of torchvision classification models in CI, chosen to cover what breaks
 # naive tracing: stochastic depth (convnext, efficientnet, swin, maxvit), auxiliary
@@ -359,7 +359,7 @@ def test_channels_last_masked_weights_keep_their_layout():
     The masked weight keeps the parameter's strides."""
     from torch.fx import Interpreter
 
-    from lobster_fx.instrument import masked_weight
+    from lobster_fx.graph.instrument import masked_weight
     from lobster_fx.models import LeNet5
 
     for shape in [(20, 1, 5, 5), (64, 32, 1, 1), (8, 1, 3, 3)]:
@@ -396,7 +396,7 @@ def test_masked_weight_nodes_survive_pickling():
     (its stride check would be control flow on a Proxy), so the restriding survives too."""
     import pickle
 
-    from lobster_fx.instrument import masked_weight
+    from lobster_fx.graph.instrument import masked_weight
     from lobster_fx.models import LeNet5
 
     gm = lobster_fx.instrument(LeNet5())
@@ -411,7 +411,7 @@ def test_all_ones_mask_returns_the_weight_and_a_written_mask_is_applied_at_once(
     """Before any pruning, eager ``masked_weight`` skips ``w * 1`` (bit-identical) and returns
     the parameter itself; any in-place write to the mask (prune's ``masked_fill_``, ``mask[i] = 0``,
     ``load_state_dict``) bumps its version and the next forward multiplies again."""
-    from lobster_fx.instrument import masked_weight
+    from lobster_fx.graph.instrument import masked_weight
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
@@ -471,7 +471,7 @@ def _unmasked(gm, x):
 
 def test_a_mask_that_requires_grad_gets_its_gradient_while_all_ones():
     """Skipping ``w * 1`` would cut the path to a learned mask: d(w * m)/dm = w."""
-    from lobster_fx.instrument import masked_weight
+    from lobster_fx.graph.instrument import masked_weight
 
     w = torch.randn(4, 3)
     mask = torch.ones(4, 3, requires_grad=True)
@@ -482,7 +482,7 @@ def test_a_mask_that_requires_grad_gets_its_gradient_while_all_ones():
 
 
 def test_an_all_ones_mask_that_would_broadcast_or_promote_is_multiplied():
-    from lobster_fx.instrument import masked_weight
+    from lobster_fx.graph.instrument import masked_weight
 
     w = torch.randn(3, 4, dtype=torch.float16)
     for mask in (torch.ones(3, 4), torch.ones(2, 3, 4, dtype=torch.float16), torch.ones(4, dtype=torch.float16)):
@@ -493,9 +493,7 @@ def test_an_all_ones_mask_that_would_broadcast_or_promote_is_multiplied():
 def test_all_ones_cache_forgets_dead_masks():
     import gc
 
-    from lobster_fx.instrument import _MASK_FACTS, masked_weight
-
-    from lobster_fx.instrument import mask_has_zeros, mask_is_all_ones
+    from lobster_fx.graph.instrument import _MASK_FACTS, mask_has_zeros, mask_is_all_ones, masked_weight
 
     w = torch.randn(3, 3)
     mask = torch.ones(3, 3)

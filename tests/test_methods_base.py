@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import lobster_fx
-from lobster_fx.instrument import masked_parameters
+from lobster_fx.graph.instrument import masked_parameters
 from lobster_fx.methods import L2, Lobster, StepRule
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import lobster_fx
-from lobster_fx.export import export_onnx
+from lobster_fx.onnx.export import export_onnx
 from lobster_fx.passes.csr import to_sparse_csr
 from lobster_fx.passes.fold import MaskedModelError, masked_parameter_names, require_folded
 from lobster_fx.passes.slim import slim

@@ -53,9 +53,9 @@ def test_every_transform_keeps_outputs(name, make, shape, sparsity, tmp_path):
         ref = gm(x)
         folded = lobster_fx.fold(gm).eval()
         assert torch.equal(folded(x), ref)  # fold: no arithmetic changed
-        result = lobster_fx.slim_with_report(folded, (x[:1],))
-        slimmed = result.module
-        assert result.report.params_after < result.report.params_before
+        slimmed = lobster_fx.slim(folded, (x[:1],))
+        report = slimmed.meta["lobster_slim"]
+        assert report.params_after < report.params_before
         assert _rel_err(slimmed(x), ref) <= 1e-5
         assert slimmed(x).shape == ref.shape
         csr = lobster_fx.to_sparse_csr(slimmed, min_sparsity=0.0)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import lobster_fx
-from lobster_fx.instrument import masked_parameters
+from lobster_fx.graph.instrument import masked_parameters
 
 prune_module = importlib.import_module("lobster_fx.pruning.prune")
 

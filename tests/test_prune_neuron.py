@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 import lobster_fx
+from lobster_fx.graph.instrument import masked_parameters
+from lobster_fx.graph.prunable import default_filter
 from lobster_fx.graph.taps import find_units
-from lobster_fx.instrument import masked_parameters
-from lobster_fx.prunable import default_filter
 
 
 class _ConvNet(nn.Module):

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import lobster_fx
-from lobster_fx.instrument import masked_parameters
+from lobster_fx.graph.instrument import masked_parameters
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -173,7 +173,7 @@ def test_plateau_pruner_arguments_are_named(kw, error, message):
 
 
 def test_plateau_pruner_on_a_model_that_is_not_instrumented_is_refused_at_once():
-    with pytest.raises(TypeError, match="not produced by lobster_fx.instrument"):
+    with pytest.raises(TypeError, match="not produced by lobster_fx.graph.instrument"):
         lobster_fx.PlateauPruner(_model(), lambda m: 1.0)
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import lobster_fx
-from lobster_fx.instrument import masked_parameters
+from lobster_fx.graph.instrument import masked_parameters
 
 
 def _model(seed=0):
@@ -165,7 +165,7 @@ def _prune_half(gm):
     ids=["sgd-momentum-wd", "adam-wd", "adamw"],
 )
 def test_pruned_parameters_stay_exactly_zero(make_opt):
-    from lobster_fx.instrument import masked_parameters
+    from lobster_fx.graph.instrument import masked_parameters
 
     gm = lobster_fx.instrument(_model())
     opt = make_opt(gm.parameters())
@@ -238,7 +238,7 @@ def test_optimizer_without_model_parameters_is_an_error():
     gm = lobster_fx.instrument(_model())
     with pytest.raises(ValueError, match="none of the instrumented"):
         lobster_fx.Lobster(gm, torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1))
-    with pytest.raises(TypeError, match="not produced by lobster_fx.instrument"):
+    with pytest.raises(TypeError, match="not produced by lobster_fx.graph.instrument"):
         lobster_fx.Lobster(_model(), torch.optim.SGD(_model().parameters(), lr=0.1))
 
 

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from lobster_fx.graph.trace import LobsterGraphModule, trace_model
 from lobster_fx.passes.slim import DEFAULT_CHANNEL_MULTIPLE, META_KEY, SlimError, slim
-from lobster_fx.trace import LobsterGraphModule, trace_model
 
 torch.set_num_threads(1)
 REL = 1e-5

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lobster_fx.graph.trace import LobsterGraphModule, trace_model
 from lobster_fx.passes.csr import DEFAULT_MIN_SPARSITY, CsrTensor, csr_linear, to_sparse_csr
 from lobster_fx.passes.slim import slim
-from lobster_fx.trace import LobsterGraphModule, trace_model
 
 torch.set_num_threads(1)
 REL = 1e-5

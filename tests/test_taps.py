@@ -178,7 +178,7 @@ def test_copies_and_pickles_keep_the_taps_but_not_the_listeners():
 
 
 def test_refusals_name_the_problem():
-    with pytest.raises(TypeError, match="not produced by lobster_fx.instrument"):
+    with pytest.raises(TypeError, match="not produced by lobster_fx.graph.instrument"):
         install_taps(_model())
     gm = lobster_fx.instrument(nn.Sequential(nn.Embedding(5, 3)))
     with pytest.raises(ValueError, match="no Linear / Conv layer with a masked weight"):

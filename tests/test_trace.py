@@ -109,7 +109,7 @@ def test_norm_layer_outside_torch_nn_keeps_its_buffer_semantics():
 
 
 def test_a_large_buffer_written_while_tracing_is_a_clear_error(monkeypatch):
-    from lobster_fx import trace
+    from lobster_fx.graph import trace
 
     class Cache(nn.Module):
         def __init__(self):

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lobster_fx.instrument import instrument
+from lobster_fx.graph.instrument import instrument
 from lobster_fx.models import ResNet32
 from lobster_fx.train import TrainConfig, train
 

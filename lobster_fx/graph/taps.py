@@ -57,8 +57,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import Graph, Node
 
-from lobster_fx.instrument import lobster_info, masked_weight, unwrap
-from lobster_fx.trace import LobsterGraphModule
+from lobster_fx.graph.instrument import lobster_info, masked_weight, unwrap
+from lobster_fx.graph.trace import LobsterGraphModule
 
 __all__ = [
     "Unit",

@@ -81,7 +81,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from lobster_fx.instrument import (
+from lobster_fx.graph.instrument import (
     MaskedParam,
     lobster_info,
     mask_has_zeros,
@@ -89,7 +89,7 @@ from lobster_fx.instrument import (
     unwrap,
 )
 from lobster_fx.methods.rounding import _step_seed, _stochastic_round
-from lobster_fx.prune import check_real
+from lobster_fx.pruning.checks import check_real
 
 __all__ = ["StepRule", "FusedKernels", "FUSE_MIN_NUMEL"]
 
@@ -222,7 +222,7 @@ class StepRule:
         if not mine:
             raise ValueError(
                 "the optimizer holds none of the instrumented model's prunable parameters; "
-                "build it from gm.parameters() of the module returned by lobster_fx.instrument"
+                "build it from gm.parameters() of the module returned by lobster_fx.graph.instrument"
             )
         sharded = [info.name for info, p, _ in masked_parameters(self.gm) if _is_dtensor(p)]
         if sharded:

@@ -36,18 +36,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lobster_fx.methods.base import (  # noqa: F401  (re-exported for the temporary lobster_fx.rule shim)
-    FUSE_MIN_NUMEL,
-    HALF_CHUNK_NUMEL,
-    SCRATCH_MAX_NUMEL,
-    FusedKernels,
-    StepRule,
-    _compile_private,
-    _stochastic_round,
-    _update_reads_weights,
-)
+from lobster_fx.methods.base import FusedKernels, StepRule
 
-__all__ = ["Lobster", "lobster_delta", "FUSE_MIN_NUMEL"]
+__all__ = ["Lobster", "lobster_delta"]
 
 
 def lobster_delta(w: torch.Tensor, grad: torch.Tensor, lmbda: float) -> torch.Tensor:

@@ -3,9 +3,9 @@
 :func:`export_onnx` is the whole pipeline, each step in its own module:
 
 * the example inputs are checked (:mod:`lobster_fx.onnx.inputs`);
-* masks are folded into the weights (:func:`lobster_fx.fold.fold`): an unfolded
+* masks are folded into the weights (:func:`lobster_fx.passes.fold.fold`): an unfolded
   ``weight * mask`` stays in the graph and stores two dense tensors; dead units are
-  removed (:func:`lobster_fx.slim.slim`);
+  removed (:func:`lobster_fx.passes.slim.slim`);
 * ``torch.onnx`` builds the ONNX model in memory (:mod:`lobster_fx.onnx.capture`);
 * weights move to sparse initializers (:mod:`lobster_fx.onnx.sparsify`), last, on plain
   onnx protobuf;
@@ -172,8 +172,8 @@ def export_onnx(
 
     Steps: validate ``path`` and ``example_inputs`` (see Inputs); copy the
     model and put it in eval mode (``model`` itself is not changed); fold masks
-    into weights (:func:`lobster_fx.fold.fold`, a no-op without masks); remove dead units
-    when ``slim`` (:func:`lobster_fx.slim.slim`); export with ``torch.onnx``
+    into weights (:func:`lobster_fx.passes.fold.fold`, a no-op without masks); remove dead units
+    when ``slim`` (:func:`lobster_fx.passes.slim.slim`); export with ``torch.onnx``
     into memory; move sparse initializers to ``graph.sparse_initializer``
     (``sparse``); run ``onnx.checker``; write a temp file next to ``path``,
     check ONNX Runtime reproduces torch on the example (per output, max
@@ -199,13 +199,13 @@ def export_onnx(
 
     Masks. ``export_onnx`` is the whole pipeline, so it folds an instrumented
     model itself (also through a DDP / DataParallel / ``torch.compile``
-    wrapper); the single passes :func:`lobster_fx.slim.slim` and
-    :func:`lobster_fx.sparse.to_sparse_csr` refuse a model with masks instead.
+    wrapper); the single passes :func:`lobster_fx.passes.slim.slim` and
+    :func:`lobster_fx.passes.csr.to_sparse_csr` refuse a model with masks instead.
     An instrumented module nested inside another module, which ``fold`` does not
-    reach, raises :class:`lobster_fx.fold.MaskedModelError`.
+    reach, raises :class:`lobster_fx.passes.fold.MaskedModelError`.
 
     Precision. ``atol`` / ``rtol`` default to ``None``: both follow the exported
-    model's dtype, :func:`lobster_fx.slim.default_rtol` of the coarsest floating
+    model's dtype, :func:`lobster_fx.passes.slim.default_rtol` of the coarsest floating
     dtype among its weights and outputs (``max(1e-5, 8 * eps)``: ``1e-5`` for
     float32, ``2**-7`` for float16); values passed explicitly are used as given.
     ``export_dtype`` (``torch.float16`` / ``float32`` / ``float64``, default None)
@@ -244,7 +244,7 @@ def export_onnx(
             the model, the ValueError names the input whose dtype or device is not the
             model's ("input 0 is float64 but the model's parameters are float32: pass
             x.float()"), else the layer and the expected vs given shape when known.
-        lobster_fx.fold.MaskedModelError: an instrumented submodule that fold cannot reach.
+        lobster_fx.passes.fold.MaskedModelError: an instrumented submodule that fold cannot reach.
         ExportError: torch.onnx failed (``.op`` names an unsupported operator),
             the batch dimension got fixed, or the ONNX Runtime parity check failed.
 
@@ -279,7 +279,7 @@ def export_onnx(
                if export_dtype == torch.bfloat16 else "")
         )
     inputs = _as_example(example_inputs, kwargs).map(lambda t: t.detach()).in_signature_order(model)
-    from lobster_fx.slim import coarsest_float_dtype, default_rtol
+    from lobster_fx.passes.slim import coarsest_float_dtype, default_rtol
 
     if export_dtype is None and any(t.dtype == torch.bfloat16 for t in (*model.parameters(), *model.buffers())):
         export_dtype = torch.float32  # ONNX Runtime (CPU) runs no bfloat16 Conv / Gemm / MatMul
@@ -292,7 +292,7 @@ def export_onnx(
         model.eval()
         reference = _flatten_outputs(_run_example(model, inputs))
 
-        from lobster_fx.fold import fold, require_folded
+        from lobster_fx.passes.fold import fold, require_folded
 
         work = fold(model)  # a copy; a no-op copy for a model without masks
         # fold folds the model itself (through DDP / compile wrappers), not an
@@ -313,7 +313,7 @@ def export_onnx(
 
         slimmed = False
         if slim:
-            from lobster_fx.slim import slim as _slim
+            from lobster_fx.passes.slim import slim as _slim
 
             try:
                 work = _slim(work, inputs.for_slim())

@@ -45,7 +45,7 @@ class _Example:
         ``torch.compile``) are looked through."""
         import inspect
 
-        from lobster_fx.instrument import unwrap
+        from lobster_fx.graph.instrument import unwrap
 
         try:
             order = {name: k for k, name in enumerate(inspect.signature(unwrap(model).forward).parameters)}
@@ -84,7 +84,7 @@ class _Example:
         return names + [k for k, t in self.kwargs.items() if t is not None]
 
     def for_slim(self) -> tuple[Any, ...]:
-        """The inputs in the form :func:`lobster_fx.slim.slim` takes (a trailing dict = kwargs)."""
+        """The inputs in the form :func:`lobster_fx.passes.slim.slim` takes (a trailing dict = kwargs)."""
         return (*self.args, self.kwargs) if self.kwargs else self.args
 
     def dynamic_shapes(self, model: Any, batched: Callable[[Any], bool], dim: Any) -> Any:
@@ -250,7 +250,7 @@ def _locate_failure(model: Any, inputs: _Example) -> _Failure | None:
     try:
         with torch.no_grad():
             if isinstance(model, torch.fx.GraphModule):
-                from lobster_fx.slim import _positional
+                from lobster_fx.passes.slim.entry import positional as _positional
 
                 _Interp(model).run(*_positional(model, inputs.args, inputs.kwargs))
             else:

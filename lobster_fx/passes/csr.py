@@ -48,8 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from lobster_fx.graph.trace import LobsterGraphModule, trace_model
 from lobster_fx.passes.fold import require_folded
-from lobster_fx.trace import LobsterGraphModule, trace_model
 
 __all__ = ["to_sparse_csr", "csr_linear", "CsrTensor", "CsrReport", "DEFAULT_MIN_SPARSITY"]
 
@@ -126,7 +126,7 @@ def to_sparse_csr(model: nn.Module, *, min_sparsity: float = DEFAULT_MIN_SPARSIT
 
     ``model`` may be a :class:`LobsterGraphModule` (both mode graphs are
     rewritten) or any other module, plain ``GraphModule`` included (traced with
-    :func:`lobster_fx.trace.trace_model`). ``model`` is
+    :func:`lobster_fx.graph.trace.trace_model`). ``model`` is
     not modified. A :class:`CsrReport` is attached as ``gm.meta["lobster_sparse"]``.
     Converted weights become buffers (not trainable); ``owner.weight`` is gone
     and ``owner.weight_csr.csr`` holds the CSR tensor.

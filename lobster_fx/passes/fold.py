@@ -26,14 +26,14 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.nn.utils import parametrize
 
-from lobster_fx.instrument import (
+from lobster_fx.graph.instrument import (
     _Mask,
     _resolve,
     lobster_info,
     masked_parameters,
     unwrap,
 )
-from lobster_fx.trace import LobsterGraphModule
+from lobster_fx.graph.trace import LobsterGraphModule
 
 __all__ = ["MaskedModelError", "fold", "masked_parameter_names", "require_folded"]
 

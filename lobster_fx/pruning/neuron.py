@@ -52,8 +52,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lobster_fx.graph.instrument import masked_parameters
 from lobster_fx.graph.taps import Unit, find_units
-from lobster_fx.instrument import masked_parameters
 
 __all__ = ["UnitPlan", "weight_norm"]
 

@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from lobster_fx.instrument import masked_parameters, unwrap
+from lobster_fx.graph.instrument import masked_parameters, unwrap
+from lobster_fx.graph.trace import LobsterGraphModule
 from lobster_fx.pruning.checks import check_evaluate, check_flag, check_real
-from lobster_fx.trace import LobsterGraphModule
 
 __all__ = ["GRANULARITIES", "PruneAction", "PruneResult", "distinct_magnitudes", "prune"]
 

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lobster_fx.instrument import lobster_info, unwrap
+from lobster_fx.graph.instrument import lobster_info, unwrap
 from lobster_fx.pruning.checks import _as_real, check_evaluate, check_flag, check_int, check_real
 from lobster_fx.pruning.prune import Evaluate, PruneAction, PruneResult, ScoreFn, _all_reduce_mean, check_granularity
 from lobster_fx.pruning.triggers import FIRE, IMPROVED, EveryNIterations, PlateauTrigger

@@ -31,6 +31,7 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.utils._pytree import tree_flatten
 
+from lobster_fx.graph.trace import LobsterGraphModule, _trace_both_modes, trace_model
 from lobster_fx.passes.fold import require_folded
 from lobster_fx.passes.slim.analysis import Analysis, Recorder
 from lobster_fx.passes.slim.report import (
@@ -43,7 +44,6 @@ from lobster_fx.passes.slim.report import (
     default_rtol,
 )
 from lobster_fx.passes.slim.rewrite import apply_plan, count_params
-from lobster_fx.trace import LobsterGraphModule, _trace_both_modes, trace_model
 
 __all__ = ["slim", "prepare_inference_graph", "DEFAULT_CHANNEL_MULTIPLE"]
 
@@ -55,7 +55,7 @@ def prepare_inference_graph(model: nn.Module, none_args: Iterable[str] = ()) -> 
     """A deep copy of ``model`` as an eval-mode GraphModule with only the eval graph.
 
     ``model`` may be a :class:`LobsterGraphModule`, or any other module, plain
-    ``GraphModule`` included (traced with :func:`lobster_fx.trace.trace_model`). ``model`` is not
+    ``GraphModule`` included (traced with :func:`lobster_fx.graph.trace.trace_model`). ``model`` is not
     modified (not even its training flag).
 
     ``none_args`` names arguments of ``model.forward`` that will be passed as ``None``

@@ -47,8 +47,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from torch import nn
 from torch.fx import Node
 
+from lobster_fx.graph.trace import TRACE_THROUGH
 from lobster_fx.passes.slim.layout import UNKNOWN, has_node
-from lobster_fx.trace import TRACE_THROUGH
 
 if TYPE_CHECKING:
     from lobster_fx.passes.slim.analysis import Analysis

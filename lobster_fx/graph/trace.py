@@ -16,7 +16,7 @@ parameters are masked at module level by the instrument pass).
 Example::
 
     >>> import torch
-    >>> from lobster_fx.trace import trace_model
+    >>> from lobster_fx.graph.trace import trace_model
     >>> m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Dropout(0.5))
     >>> gm = trace_model(m).module
     >>> [n.op for n in gm.graph.nodes]
@@ -37,7 +37,7 @@ from torch import nn
 from torch.fx import Graph, GraphModule
 from torch.fx.graph_module import _copy_attr, _forward_from_src
 
-from lobster_fx.state_keys import _external_keys_hook, _internal_keys_hook, _missing_masks_hook
+from lobster_fx.graph.state_keys import _external_keys_hook, _internal_keys_hook, _missing_masks_hook
 
 __all__ = [
     "TRACE_THROUGH",
@@ -110,7 +110,7 @@ class LobsterGraphModule(GraphModule):
         training = root.training if training is None else training
         super().__init__(root, graphs[training], class_name)
         self.training = training
-        for mode, g in graphs.items():
+        for g in graphs.values():
             if g is graphs[training]:
                 continue
             for node in g.nodes:
@@ -181,7 +181,7 @@ class LobsterGraphModule(GraphModule):
         self._lobster_mode_code = {mode: code[1:] for mode, code in per_mode.items()}
         return python_code
 
-    def train(self, mode: bool = True) -> "LobsterGraphModule":
+    def train(self, mode: bool = True) -> LobsterGraphModule:
         super().train(mode)
         self.sync_mode_graph()
         return self
@@ -257,7 +257,7 @@ class LobsterGraphModule(GraphModule):
             g.owning_module = self  # GraphModule() took ownership of the shared graph
         return (_rebuild_lobster_graph_module, (per_mode[True], per_mode[False], self.training, self.meta))
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> "LobsterGraphModule":
+    def __deepcopy__(self, memo: dict[int, Any]) -> LobsterGraphModule:
         res = type(self).__new__(type(self))
         memo[id(self)] = res
         fake = torch.fx.graph_module._CodeOnlyModule(copy.deepcopy(self.__dict__, memo))
@@ -445,7 +445,7 @@ def _fresh_list_args(graph: Graph) -> None:
 
         def fresh(a: Any) -> Any:
             if isinstance(a, list):
-                with graph.inserting_before(node):
+                with graph.inserting_before(node):  # noqa: B023 (called at once, in this iteration)
                     return graph.call_function(list, (a,))
             return a
 

@@ -28,19 +28,19 @@ Example::
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
+from torch._C._functorch import is_functorch_wrapped_tensor as _is_functorch_wrapped
 from torch.fx import GraphModule, Node
 from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import _get_current_dispatch_mode
-from torch._C._functorch import is_functorch_wrapped_tensor as _is_functorch_wrapped
 
-from lobster_fx.prunable import _is_metadata, default_filter, is_norm, multiplies_inputs
-from lobster_fx.state_keys import external_key
-from lobster_fx.trace import LobsterGraphModule, TraceSummary, _shallow_copy_module, trace_model
+from lobster_fx.graph.prunable import _is_metadata, default_filter, is_norm, multiplies_inputs
+from lobster_fx.graph.state_keys import external_key
+from lobster_fx.graph.trace import LobsterGraphModule, TraceSummary, _shallow_copy_module, trace_model
 
 __all__ = [
     "instrument",
@@ -116,7 +116,7 @@ def lobster_info(gm: nn.Module) -> InstrumentSummary:
     info = getattr(gm, "meta", {}).get("lobster") if isinstance(gm, GraphModule) else None
     if info is None:
         raise TypeError(
-            f"{type(gm).__name__} was not produced by lobster_fx.instrument (no masks found); "
+            f"{type(gm).__name__} was not produced by lobster_fx.graph.instrument (no masks found); "
             "call gm = lobster_fx.instrument(model) first"
         )
     return info
@@ -273,7 +273,7 @@ def instrument(model: nn.Module, *, filter_fn: FilterFn | None = None) -> Lobste
             parameter's qualified name). Default: :func:`default_filter`.
 
     Returns:
-        A :class:`~lobster_fx.trace.LobsterGraphModule`; its ``meta["lobster"]``
+        A :class:`~lobster_fx.graph.trace.LobsterGraphModule`; its ``meta["lobster"]``
         holds an :class:`InstrumentSummary` (``print(gm.meta["lobster"])``).
 
     Raises:
@@ -287,7 +287,7 @@ def instrument(model: nn.Module, *, filter_fn: FilterFn | None = None) -> Lobste
             ``meta`` device (materialise the model first: its masks would have no data).
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"lobster_fx.instrument expects a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(f"lobster_fx.graph.instrument expects a torch.nn.Module, got {type(model).__name__}")
     if isinstance(unwrap(model), GraphModule) and "lobster" in getattr(unwrap(model), "meta", {}):
         raise ValueError("model is already instrumented by lobster_fx (call instrument on the original model)")
     _refuse_unsupported(model)
@@ -419,13 +419,13 @@ def _refuse_unsupported(model: nn.Module) -> None:
         if isinstance(model, cls):
             # the user's wrapper would keep running the original, unmasked module
             raise TypeError(
-                f"lobster_fx.instrument got a {name} wrapper: instrument the module before wrapping it "
+                f"lobster_fx.graph.instrument got a {name} wrapper: instrument the module before wrapping it "
                 f"(gm = lobster_fx.instrument(model), then {name}(gm, ...)); unwrapping here would leave "
                 f"your {name} running the original, unmasked module"
             )
     if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
         raise TypeError(
-            "lobster_fx.instrument got a torch.compile wrapper (OptimizedModule): instrument the module before "
+            "lobster_fx.graph.instrument got a torch.compile wrapper (OptimizedModule): instrument the module before "
             "compiling it (gm = lobster_fx.instrument(model), then torch.compile(gm)); the compiled wrapper "
             "would keep running the original, unmasked module"
         )

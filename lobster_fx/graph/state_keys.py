@@ -3,7 +3,7 @@
 The instrumented model keeps some parameters under other paths: ``opaque.<name>`` where
 the top level did not trace (the graph calls it through a wrapper), and
 ``<owner>.parametrizations.<w>.original`` where a weight is masked by a parametrization.
-Hooks on :class:`~lobster_fx.trace.LobsterGraphModule` (no-ops unless
+Hooks on :class:`~lobster_fx.graph.trace.LobsterGraphModule` (no-ops unless
 ``meta["lobster_keys"]`` is set, which ``instrument`` does) make ``state_dict()`` and
 ``load_state_dict()`` use the original names, with one ``<name>_mask`` per mask, so a
 checkpoint of the original loads strictly (its masks stay as they are).
