@@ -19,6 +19,10 @@ SECTIONS = [
     ("native_rule_probe", "A native rule kernel on LeNet-300: probe (issue 5)", "python benchmarks/native_rule_probe.py"),
     ("compile_profile", "Masks under torch.compile: where the time goes (issue 5)", "python benchmarks/compile_profile.py"),
     ("ddp_masks", "DDP step cost with masks honoured on every rank (issue 12)", "python benchmarks/ddp_masks.py"),
+    ("half_rule_cost", "Half-precision rule cost (issue 12)", "python benchmarks/half_rule_cost.py"),
+    ("taps_overhead", "Idle unit taps (issue 14)", "python benchmarks/taps_overhead.py"),
+    ("pass_tuning", "Figures moved from docstrings: slim channel alignment, CSR crossover, prune memory (issue 14)",
+     "see the section"),
     ("gpu_check", "CUDA checks: fused rule, half precision, NCCL, CSR, ONNX Runtime CUDA, ResNet-18 step",
      "python benchmarks/gpu_check.py"),
 ]

@@ -182,17 +182,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_model_file(path: str) -> None:
-    """The cheap checks on a model file given to ``bench``: it exists, is a file, is not empty."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    if p.is_dir():
-        raise IsADirectoryError(f"{path} is a directory, not an ONNX model file")
-    if p.stat().st_size == 0:
-        raise ValueError(f"{path} is empty (0 bytes): not an ONNX model")
-
-
 def _model_names(paths: Sequence[str]) -> dict[str, str]:
     """Name each model by its file's stem, or by its path where two stems are the same."""
     stems = [Path(p).stem for p in paths]
@@ -202,8 +191,6 @@ def _model_names(paths: Sequence[str]) -> dict[str, str]:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from lobster_fx.bench import benchmark
 
-    for path in args.models:
-        _check_model_file(path)
     models = _model_names(args.models)
     providers = ("CUDAExecutionProvider",) if args.cuda else ("CPUExecutionProvider",)
     report = benchmark(models, batch_sizes=tuple(args.batch_sizes), rounds=args.rounds, providers=providers)
