@@ -143,8 +143,11 @@ def _unit_of(node: Node, info, by_path: dict[str, str], sub: LobsterGraphModule,
     bias_arg = _arg(node, 2, "bias")
     bias = _masked_name(bias_arg, by_path, prefix)
     norm = None
-    users = list(node.users)
-    if len(users) == 1 and users[0].op == "call_module" and users[0].args[:1] == (node,):
+    users, src = list(node.users), node
+    if len(users) == 1 and users[0].op == "call_function" and users[0].target is tap_point:
+        src = users[0]  # installed taps (a method listening while it trains): look through the tap
+        users = list(src.users)
+    if len(users) == 1 and users[0].op == "call_module" and users[0].args[:1] == (src,):
         mod = sub.get_submodule(users[0].target)
         # after a Linear, a BatchNorm1d of as many features is taken to see (N, C) inputs
         if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.num_features == shape[0]:

@@ -5,10 +5,13 @@
   one rule per optimizer); a method supplies its term.
 * :class:`Lobster` (:mod:`lobster_fx.methods.lobster`): LOBSTER's eq. (6) term.
 * :class:`L2` (:mod:`lobster_fx.methods.l2`): decoupled weight decay, the baseline.
+* :class:`SeReNe` (:mod:`lobster_fx.methods.serene`): structured, per-unit shrink gated by
+  each unit's sensitivity (output- or loss-based).
 """
 
 from lobster_fx.methods.base import FusedKernels, StepRule
 from lobster_fx.methods.l2 import L2
 from lobster_fx.methods.lobster import Lobster, lobster_delta
+from lobster_fx.methods.serene import SeReNe
 
-__all__ = ["StepRule", "FusedKernels", "Lobster", "L2", "lobster_delta"]
+__all__ = ["StepRule", "FusedKernels", "Lobster", "L2", "lobster_delta", "SeReNe"]
