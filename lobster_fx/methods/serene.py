@@ -97,6 +97,11 @@ __all__ = ["SeReNe", "SENSITIVITIES"]
 SENSITIVITIES = ("output", "loss")
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 at least (bfloat16 / float16 gradients under autocast; float64 stays)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _graph_output_is_structured(root: nn.Module) -> bool:
     """True when a traced graph of ``root`` returns a tuple / list / dict rather than one value."""
     if not isinstance(root, LobsterGraphModule):
@@ -219,7 +224,7 @@ class SeReNe(StepRule):
         def hook_grad(z: torch.Tensor, tap: UnitTap) -> None:
             if self._recording() and z.requires_grad:
                 cd = tap.channel_dim
-                z.register_hook(lambda g: self._add(name, per_unit(g.detach().float(), cd).mean(1)))
+                z.register_hook(lambda g: self._add(name, per_unit(_wide(g.detach()), cd).mean(1)))
         return hook_grad
 
     def _add(self, name: str, value: torch.Tensor) -> None:
@@ -252,7 +257,7 @@ class SeReNe(StepRule):
                 if g is None:  # z does not reach y: S = 0
                     self._add(name, torch.zeros(self._units[name].count))
                 else:
-                    self._add(name, per_unit(g.float(), cd).abs().mean(1) / c)
+                    self._add(name, per_unit(_wide(g), cd).abs().mean(1) / c)
 
     # --- the step -----------------------------------------------------------------------------
 
@@ -295,14 +300,14 @@ class SeReNe(StepRule):
                         v = self.momentum * self._ema[n].to(v) + (1 - self.momentum) * v
                     self._ema[n] = v.clone()
                 v = v.abs()
-            out[n] = v.float()
+            out[n] = v  # float64 until the term: the unit's dtype decides the rounding
         return out
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict[str, Any]) -> None:
         found_inf = kwargs.get("found_inf", getattr(optimizer, "found_inf", None))
         if found_inf is None or float(found_inf) == 0.0:
             self._step_sens = self._finalize()
-            self.last_sensitivity = {n: s.detach().clone() for n, s in self._step_sens.items()}
+            self.last_sensitivity = {n: s.float() for n, s in self._step_sens.items()}
         super()._before_step(optimizer, args, kwargs)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict[str, Any]) -> None:
