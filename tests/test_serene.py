@@ -523,3 +523,85 @@ def test_ddp_without_the_all_reduce_the_ranks_drift(tmp_path):
     # the negative control: each rank's own sensitivity gives different terms per rank
     r0, r1 = _ddp_run(tmp_path, mutant=True)
     assert _gap(r0["params"], r1["params"]) > 1e-4
+
+
+def test_loss_sensitivity_under_gradscaler_is_unscaled_with_scaler():
+    model, x = _conv_linear().float(), _x((5, 2, 4, 4)).float()
+    out = {}
+    for case in ("plain", "scaler", "scaler-not-passed"):
+        gm = lobster_fx.instrument(copy.deepcopy(model)).train()
+        opt = torch.optim.SGD(gm.parameters(), lr=ETA)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8) if case != "plain" else None
+        rule = SeReNe(gm, opt, 0.3, sensitivity="loss", scaler=scaler if case == "scaler" else None)
+        loss = _loss3(gm(x))
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        out[case] = (rule.last_sensitivity, _params(gm))
+    for n, s in out["plain"][0].items():
+        torch.testing.assert_close(out["scaler"][0][n], s, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(out["scaler-not-passed"][0][n], 256 * s, rtol=1e-5, atol=1e-5)
+    for k, v in out["plain"][1].items():
+        torch.testing.assert_close(out["scaler"][1][k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_autocast_and_parameters_run_and_track_float32():
+    model, x = _conv_linear().float(), _x((5, 2, 4, 4)).float()
+    sens = {}
+    for case in ("float32", "autocast", "bf16-params"):
+        m = copy.deepcopy(model).to(torch.bfloat16) if case == "bf16-params" else copy.deepcopy(model)
+        gm = lobster_fx.instrument(m).train()
+        opt = torch.optim.SGD(gm.parameters(), lr=ETA)
+        rule = SeReNe(gm, opt, 0.3)
+        xin = x.to(torch.bfloat16) if case == "bf16-params" else x
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+            loss = _unit_loss(gm(xin).float())
+        loss.backward()
+        opt.step()
+        assert rule.steps == 1
+        sens[case] = rule.last_sensitivity
+    for case in ("autocast", "bf16-params"):
+        for n, s in sens["float32"].items():
+            assert sens[case][n].dtype == torch.float32
+            torch.testing.assert_close(sens[case][n], s, rtol=5e-2, atol=5e-3, msg=f"{case} {n}")
+
+
+def test_with_plateau_pruner_neuron_phases_pruned_units_stay_zero():
+    model = _res_net()
+    x = torch.randn(32, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        target = model(x)
+    gm = lobster_fx.instrument(model).train()
+    for bn in ("bn1", "bn2"):
+        gm.get_submodule(bn).eval()
+    opt = torch.optim.SGD(gm.parameters(), lr=0.01, momentum=0.9)
+    rule = SeReNe(gm, opt, 0.05)
+
+    def evaluate(m):
+        was = m.training
+        m.eval()
+        with torch.no_grad():
+            loss = 1.0 + float(nn.functional.mse_loss(m(x), target) / target.var())
+        m.train(was)
+        for bn in ("bn1", "bn2"):
+            m.get_submodule(bn).eval()
+        return loss
+
+    pruner = lobster_fx.PlateauPruner(gm, evaluate, twt=0.02, every_n_iterations=4, optimizer=opt,
+                                      granularity="neuron")
+    dead_seen = 0
+    for _ in range(12):
+        opt.zero_grad()
+        nn.functional.mse_loss(gm(x), target).backward()
+        opt.step()
+        pruner.step(evaluate(gm))
+        masks = lobster_fx.masks(gm)
+        for n in ("conv1", "conv2", "fc1"):
+            rows = masks[f"{n}.weight"].flatten(1).eq(0).all(1)
+            dead_seen = max(dead_seen, int(rows.sum()))
+            assert torch.all(gm.get_parameter(f"{n}.weight").detach()[rows] == 0), n  # pinned by the rule's step
+    assert dead_seen > 0 and rule.steps == 12
