@@ -605,3 +605,20 @@ def test_with_plateau_pruner_neuron_phases_pruned_units_stay_zero():
             dead_seen = max(dead_seen, int(rows.sum()))
             assert torch.all(gm.get_parameter(f"{n}.weight").detach()[rows] == 0), n  # pinned by the rule's step
     assert dead_seen > 0 and rule.steps == 12
+
+
+def test_copies_and_pickles_of_the_model_leave_the_rule_behind():
+    import pickle
+
+    gm = lobster_fx.instrument(_chain()).train()
+    opt = torch.optim.SGD(gm.parameters(), lr=ETA)
+    rule = SeReNe(gm, opt, 0.3)
+    x = _x((7, 6))
+    for other in (copy.deepcopy(gm), pickle.loads(pickle.dumps(gm))):
+        _square_loss(other(x)).backward()  # the copy trains as a plain model: nothing recorded here
+        assert not rule._sums and not rule._edges
+        with torch.no_grad():
+            torch.testing.assert_close(other(x), gm(x), rtol=0, atol=0)
+    _square_loss(gm(x)).backward()
+    opt.step()
+    assert rule.steps == 1 and set(rule.last_sensitivity) == {"0", "2", "4"}

@@ -80,6 +80,7 @@ Example::
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -100,6 +101,32 @@ SENSITIVITIES = ("output", "loss")
 def _wide(t: torch.Tensor) -> torch.Tensor:
     """``t`` in float32 at least (bfloat16 / float16 gradients under autocast; float64 stays)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _inert(*args: Any) -> None:
+    return None
+
+
+def _make_inert() -> Callable[..., None]:
+    return _inert
+
+
+class _ModuleHook:
+    """A forward (pre-)hook running ``rule.<method>`` for the rule's own module only. A copy or a
+    pickle of the module gets an inert hook: it neither drags the rule (and its optimizer) along
+    nor records into the original rule."""
+
+    def __init__(self, rule: SeReNe, method: str) -> None:
+        self._rule, self._method = weakref.ref(rule), method
+
+    def __call__(self, module: nn.Module, *args: Any) -> Any:
+        rule = self._rule()
+        if rule is None or module is not rule.gm:
+            return None
+        return getattr(rule, self._method)(module, *args)
+
+    def __reduce__(self) -> tuple:
+        return _make_inert, ()
 
 
 def _graph_output_is_structured(root: nn.Module) -> bool:
@@ -208,8 +235,8 @@ class SeReNe(StepRule):
         for name, tap in self._taps.items():
             self._listeners.append(tap.on_output(self._listener(name)))
         if self.sensitivity == "output":
-            self._module_hooks.append(root.register_forward_pre_hook(self._clear_edges))
-            self._module_hooks.append(root.register_forward_hook(self._output_backward))
+            self._module_hooks.append(root.register_forward_pre_hook(_ModuleHook(self, "_clear_edges")))
+            self._module_hooks.append(root.register_forward_hook(_ModuleHook(self, "_output_backward")))
 
     def _recording(self) -> bool:
         return self.gm.training and torch.is_grad_enabled()
