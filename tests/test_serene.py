@@ -622,3 +622,23 @@ def test_copies_and_pickles_of_the_model_leave_the_rule_behind():
     _square_loss(gm(x)).backward()
     opt.step()
     assert rule.steps == 1 and set(rule.last_sensitivity) == {"0", "2", "4"}
+
+
+def test_torch_compile_of_the_model_gives_the_eager_result():
+    model, x = _chain().float(), _x((7, 6)).float()
+    out = {}
+    for case in ("eager", "compiled"):
+        gm = lobster_fx.instrument(copy.deepcopy(model)).train()
+        opt = torch.optim.SGD(gm.parameters(), lr=ETA)
+        rule = SeReNe(gm, opt, 0.3)
+        run = torch.compile(gm, backend="aot_eager") if case == "compiled" else gm
+        for _ in range(2):
+            opt.zero_grad()
+            _unit_loss(run(x)).backward()
+            opt.step()
+        out[case] = (rule.last_sensitivity, _params(gm))
+    assert set(out["compiled"][0]) == {"0", "2", "4"}
+    for n, s in out["eager"][0].items():
+        torch.testing.assert_close(out["compiled"][0][n], s)
+    for k, v in out["eager"][1].items():
+        torch.testing.assert_close(out["compiled"][1][k], v)
