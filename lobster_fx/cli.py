@@ -63,8 +63,9 @@ def _write_json(obj: Any, path: Path) -> None:
 
 
 def run_demo(out: Path, *, dataset: str = "digits", data_root: str | None = None, epochs: int | None = None,
-             bench_rounds: int = 5, progress: bool = True) -> dict[str, Any]:
-    """Train LeNet-300 with LOBSTER, prune, fold, slim, export, benchmark; write report.json."""
+             bench_rounds: int = 5, progress: bool = True, method: str = "lobster") -> dict[str, Any]:
+    """Train LeNet-300 with LOBSTER (or SeReNe: ``method="serene"``), prune, fold, slim, export,
+    benchmark; write report.json."""
     from lobster_fx.bench import benchmark
     from lobster_fx.onnx.export import export_onnx
     from lobster_fx.passes.fold import fold
@@ -77,11 +78,11 @@ def run_demo(out: Path, *, dataset: str = "digits", data_root: str | None = None
     if dataset == "digits":
         config = TrainConfig(model="lenet300", dataset="digits", epochs=epochs or 800, batch_size=32, lr=0.05,
                              lmbda=5e-4, twt=0.05, pwe=3, out_dir=str(out / "train"), checkpoint_every=50,
-                             threads=1, progress=progress)
+                             threads=1, progress=progress, method=method)
     else:
         config = TrainConfig(model="lenet300", dataset=dataset, data_root=data_root, epochs=epochs or 30,
                              batch_size=100, lr=0.1, lmbda=1e-4, twt=0.05, pwe=3, out_dir=str(out / "train"),
-                             checkpoint_every=5, threads=1, progress=progress)
+                             checkpoint_every=5, threads=1, progress=progress, method=method)
     result = train(config, resume=False)
     gm, splits = result.gm, result.splits
     folded = fold(gm).eval()
@@ -110,6 +111,7 @@ def run_demo(out: Path, *, dataset: str = "digits", data_root: str | None = None
     }
     report = {
         "model": config.model,
+        "method": config.method,
         "dataset": config.dataset,
         "compression_ratio": sparsity.compression_ratio,
         "test_error": test_error,
@@ -133,7 +135,8 @@ def _print_demo_summary(report: dict[str, Any], out: Path) -> None:
     dense_bytes = report["onnx"]["dense"]
     lat = report["latency_ms"]
     print()
-    print(f"LOBSTER on {report['model']}/{report['dataset']}: {report['epochs']} epochs in {report['train_seconds']:.0f} s")
+    method = {"lobster": "LOBSTER", "serene": "SeReNe"}[report.get("method", "lobster")]
+    print(f"{method} on {report['model']}/{report['dataset']}: {report['epochs']} epochs in {report['train_seconds']:.0f} s")
     print(f"compression {report['compression_ratio']:.1f}x at {report['test_error']:.2f}% test error "
           f"(slimmed: {report['slim_test_error']:.2f}%); parameters after slim "
           f"{report['slim']['params_after']} of {report['slim']['params_before']}")
@@ -151,7 +154,7 @@ def _print_demo_summary(report: dict[str, Any], out: Path) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     report = run_demo(out, dataset=args.dataset, data_root=args.data_root, epochs=args.epochs,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, method=args.method)
     _print_demo_summary(report, out)
     return 0
 
@@ -164,7 +167,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                          batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, lmbda=args.lmbda,
                          twt=args.twt, pwe=args.pwe, seed=args.seed, out_dir=args.out,
                          max_minutes=args.max_minutes, threads=args.threads, progress=not args.no_progress,
-                         fused_rule={"auto": None, "on": True, "off": False}[args.fused_rule])
+                         fused_rule={"auto": None, "on": True, "off": False}[args.fused_rule],
+                         method=args.method, sensitivity=args.sensitivity)
     result = train(config, resume=not args.restart)
     print(sparsity_report(result.gm).table())
     last = result.log[-1] if result.log else {}
@@ -229,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="folder holding MNIST/ and FashionMNIST/ (not for digits)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--method", default="lobster", choices=["lobster", "serene"],
+                   help="lobster: weights (eq. 6); serene: whole neurons by sensitivity, pruned as units")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("train", help="train a reference model with LOBSTER (resumes from --out/checkpoint.pt)")
@@ -245,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--method", default="lobster", choices=["lobster", "serene"],
+                   help="lobster: weights (eq. 6); serene: whole neurons by sensitivity, pruned as units")
+    p.add_argument("--sensitivity", default="output", choices=["output", "loss"],
+                   help="SeReNe's sensitivity: d(sum y)/dz (one extra backward per step) or dL/dz")
     p.add_argument("--fused-rule", choices=["auto", "on", "off"], default="auto",
                    help="the LOBSTER rule as torch.compile kernels (auto: from 2**20 prunable weights up)")
     p.add_argument("--out", required=True)

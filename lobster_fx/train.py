@@ -49,15 +49,18 @@ from lobster_fx.data import (
 )
 from lobster_fx.graph.instrument import instrument
 from lobster_fx.methods.lobster import Lobster
+from lobster_fx.methods.serene import SeReNe
 from lobster_fx.models import MODELS, get_model
 from lobster_fx.pruning.schedule import PlateauPruner
 from lobster_fx.report import sparsity_report
 
 __all__ = [
     "RESUMABLE_CHANGES", "TrainConfig", "TrainResult", "TrainingInterrupted", "atomic_save", "atomic_write_text",
-    "build_model", "config_from_dict", "evaluate", "load_checkpoint", "load_splits", "train",
+    "METHODS", "build_model", "config_from_dict", "evaluate", "load_checkpoint", "load_splits", "train",
 ]
 
+#: the per-step rule of each ``TrainConfig.method``, and what its pruning phases remove
+METHODS = {"lobster": "weight", "serene": "neuron"}
 #: TrainConfig fields a resumed run may change: how long, where and how fast it runs, and what it
 #: prints. Every other field defines the run (its data, model or arithmetic), and a resume that
 #: changes one is refused. ``threads`` can change float rounding in some kernels, like resuming on
@@ -101,6 +104,11 @@ class TrainConfig:
     #: ``Lobster(fused=...)``: None = compiled kernels from 2**20 prunable weights up; True pays a
     #: compile once for a cheaper step on smaller models (figures: benchmarks/RESULTS.md)
     fused_rule: bool | None = None
+    #: "lobster" (eq. 6, weights pruned at plateaus) or "serene" (neuron sensitivity, whole units
+    #: pruned at plateaus: ``granularity="neuron"``)
+    method: str = "lobster"
+    #: SeReNe's sensitivity: "output" (d(sum y)/dz, one extra backward per step) or "loss" (dL/dz)
+    sensitivity: str = "output"
 
     def __post_init__(self) -> None:
         """Check every field's type and range, naming the field and value that are wrong.
@@ -179,6 +187,8 @@ def _validate_config(config: TrainConfig) -> None:
     c = config
     c.model = _check_name("model", c.model, sorted(MODELS))
     c.dataset = _check_name("dataset", c.dataset, ["digits", *DATASETS])
+    c.method = _check_name("method", c.method, list(METHODS))
+    c.sensitivity = _check_name("sensitivity", c.sensitivity, ["output", "loss"])
     c.data_root, c.out_dir = _check_path("data_root", c.data_root), _check_path("out_dir", c.out_dir)
     for name, low in {**_INT_MIN, "threads": 1}.items():
         setattr(c, name, _check_int(name, getattr(c, name), low))
@@ -372,7 +382,10 @@ def _build_run(config: TrainConfig) -> _Run:
     if config.channels_last:
         gm.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(gm.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    rule = Lobster(gm, opt, lmbda=config.lmbda, fused=config.fused_rule)
+    if config.method == "serene":
+        rule = SeReNe(gm, opt, lmbda=config.lmbda, sensitivity=config.sensitivity)
+    else:
+        rule = Lobster(gm, opt, lmbda=config.lmbda, fused=config.fused_rule)
 
     def val_loss(m: nn.Module) -> float:
         return evaluate(m, splits.val, config.eval_batch_size)[0]
@@ -381,6 +394,7 @@ def _build_run(config: TrainConfig) -> _Run:
         gm, val_loss, twt=config.twt, pwe=config.pwe, rollback=config.rollback,
         threshold=config.plateau_threshold, reuse_val_loss=True, search_precision=config.search_precision,
         optimizer=opt,  # rollback also discards the momentum of the discarded epochs
+        granularity=METHODS[config.method],
     )
     return _Run(splits, gm, opt, rule, pruner, torch.Generator().manual_seed(config.seed))
 
@@ -487,7 +501,7 @@ def train(
     Resuming: the checkpoint's config must agree with ``config`` on every option that
     defines the run (model, dataset, data_root, batch_size, lr, momentum, weight_decay,
     lmbda, twt, pwe, rollback, plateau_threshold, search_precision, lr_min_factor,
-    val_size, seed, eval_batch_size, channels_last, fused_rule). Only those in
+    val_size, seed, eval_batch_size, channels_last, fused_rule, method, sensitivity). Only those in
     :data:`RESUMABLE_CHANGES` may differ: ``epochs`` (extending a run is legitimate),
     ``max_minutes``, ``out_dir``, ``progress``, ``checkpoint_every`` and ``threads``.
     Otherwise a ValueError names each differing option with both values.

@@ -117,3 +117,28 @@ def test_fold_reads_the_masks_without_copying_or_changing_them():
     assert not any(t.data_ptr() in gm_ptrs | mask_ptrs for t in folded.state_dict().values())
     x = torch.randn(1, 3, 224, 224)
     assert torch.equal(folded.eval()(x), gm.eval()(x))
+
+
+def test_fold_removes_unit_taps_so_slim_and_export_see_plain_layers(tmp_path):
+    """A model trained with taps (SeReNe installs them) folded with its tap nodes still after
+    every layer: slim froze every group at the unknown op and kept all units (the SeReNe demo
+    printed 'parameters after slim 50610 of 50610' with 194 of fc1's 300 rows zero)."""
+    from lobster_fx.graph.taps import install_taps, tap_point
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    gm = lobster_fx.instrument(model)
+    install_taps(gm)
+    with torch.no_grad():
+        dead = torch.tensor([1, 4, 6])
+        lobster_fx.masks(gm)["0.weight"][dead] = 0
+        lobster_fx.masks(gm)["0.bias"][dead] = 0
+    x = torch.randn(5, 6)
+    folded = lobster_fx.fold(gm).eval()
+    assert not [n for g in folded.mode_graphs.values() for n in g.nodes if n.target is tap_point]
+    torch.testing.assert_close(folded(x), gm.eval()(x), rtol=0, atol=0)
+    slimmed = lobster_fx.slim(folded, x)
+    assert slimmed.get_submodule("0").weight.shape == (5, 6)
+    assert slimmed.get_submodule("2").weight.shape == (3, 5)
+    torch.testing.assert_close(slimmed(x), gm(x), rtol=1e-5, atol=1e-6)
+    assert [n for g in gm.mode_graphs.values() for n in g.nodes if n.target is tap_point]  # gm keeps its taps

@@ -100,3 +100,28 @@ def test_resume_with_dropout_equals_uninterrupted(tmp_path, monkeypatch):
         assert torch.equal(resumed_state[k], v), k  # bit for bit
     for out in ("full", "parts"):  # every write went through a temporary file, and none is left
         assert not [p.name for p in (tmp_path / out).iterdir() if p.name.endswith(".tmp")]
+
+
+def test_method_serene_trains_with_the_serene_rule_and_prunes_whole_units(tmp_path):
+    """`TrainConfig(method="serene")` (`lobster-fx train/demo --method serene`): the SeReNe rule,
+    neuron pruning phases, and a resume that changes the method is refused."""
+    import pytest
+
+    from lobster_fx.methods.serene import SeReNe
+
+    config = TrainConfig(model="lenet300", dataset="digits", epochs=40, batch_size=32, lr=0.05, lmbda=5e-4,
+                         twt=0.05, pwe=3, progress=False, out_dir=str(tmp_path), method="serene", threads=1)
+    result = train(config, resume=False)
+    phases = [e["pruned"] for e in result.log if e["pruned"]]
+    assert phases and all(p["granularity"] == "neuron" for p in phases)
+    assert sum(p["units_pruned"] for p in phases) > 0
+    fc1 = dict(result.gm.named_parameters())["fc1.weight"]
+    rows = fc1.detach().abs().sum(1) == 0
+    assert 0 < int(rows.sum()) < fc1.shape[0]
+    assert bool((fc1.detach()[~rows] != 0).all())  # whole rows died, the live ones have no zero
+    assert result.log[-1]["test_error"] < 10.0
+    # the rule the run used
+    from lobster_fx.methods.base import _attached_rules
+    assert any(isinstance(r, SeReNe) and r.optimizer is not None for r in _attached_rules())
+    with pytest.raises(ValueError, match="method 'serene' -> 'lobster'"):
+        train(TrainConfig(**{**config.to_dict(), "method": "lobster", "epochs": 41}), resume=True)

@@ -33,6 +33,7 @@ from lobster_fx.graph.instrument import (
     masked_parameters,
     unwrap,
 )
+from lobster_fx.graph.taps import remove_taps
 from lobster_fx.graph.trace import LobsterGraphModule
 
 __all__ = ["MaskedModelError", "fold", "masked_parameter_names", "require_folded"]
@@ -163,6 +164,9 @@ def fold(gm: nn.Module) -> GraphModule:
     for module in folded.modules():
         for name in [n for n, b in module._buffers.items() if b is not None and id(b) in graph_masks]:
             del module._buffers[name]
+    # taps are training instrumentation (SeReNe, NEq): the folded model is for inference, and
+    # slim / export would see an op they do not know after every layer
+    remove_taps(folded)
     for sub in folded.modules():
         if isinstance(sub, LobsterGraphModule):
             sub.recompile_all()
