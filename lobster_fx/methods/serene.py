@@ -57,10 +57,10 @@ the last step adds its per-unit value; the step uses their mean, and starts a ne
 skipped by a ``GradScaler`` never reaches the optimizer, so its micro-batches count towards the
 next step's mean. A unit with no value since the last step gets no term at that step.
 
-Measured on 2 CPU threads, batch 100, eager (step time relative to plain SGD on the same
-instrumented model; LOBSTER's eager rule for comparison): LeNet-300 SGD 1.28 ms, LOBSTER
-1.19x, SeReNe output 1.65x, loss 1.45x; LeNet-5 SGD 30.6 ms, LOBSTER 1.04x, output 1.50x
-(the extra backward computes the input gradients of every conv), loss 1.01x. A
+Step time relative to plain SGD on the same instrumented model (2 CPU threads, batch 100,
+eager, methods interleaved, median of 15 rounds, on a machine loaded by another job: rough):
+LeNet-300 LOBSTER 1.15x, SeReNe output 1.43x, loss 1.31x; LeNet-5 LOBSTER 0.99x, output 1.84x
+(the extra backward computes the input gradient of every conv), loss 1.04x. A
 ``torch.compile``-d model runs the hooks (with graph breaks) and gives the eager result
 (``tests/test_serene.py``, ``aot_eager``; inductor checked by hand).
 
@@ -356,6 +356,13 @@ class SeReNe(StepRule):
         if s is None:
             return torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
         return torch.relu(1 - s.to(device=w.device, dtype=w.dtype)) * self.lmbda
+
+    def shrink_(self, params, grads, grad_scale, out, names) -> None:
+        """Before a weight-free update: ``W[n] *= 1 - lmbda * relu(1 - S_n)``, in place (one pass;
+        the base's default builds the term in a new parameter-sized tensor, then subtracts it)."""
+        for w, name in zip(params, names):
+            factor = 1 - self.unit_term(name, w, w)
+            w.mul_(factor.reshape((-1,) + (1,) * (w.dim() - 1)))
 
     # --- lifecycle ----------------------------------------------------------------------------
 
