@@ -29,6 +29,7 @@ _EXPORTS = {
     "StepRule": "lobster_fx.methods.base",
     "Lobster": "lobster_fx.methods.lobster",
     "L2": "lobster_fx.methods.l2",
+    "SeReNe": "lobster_fx.methods.serene",
     # pruning: what, when
     "prune": "lobster_fx.pruning.prune",
     "PruneResult": "lobster_fx.pruning.prune",
@@ -77,6 +78,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from lobster_fx.methods.base import StepRule
     from lobster_fx.methods.l2 import L2
     from lobster_fx.methods.lobster import Lobster
+    from lobster_fx.methods.serene import SeReNe
     from lobster_fx.onnx.export import ExportReport, export_onnx
     from lobster_fx.onnx.large import onnx_file_bytes
     from lobster_fx.onnx.parity import DetectionParity
