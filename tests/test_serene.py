@@ -642,3 +642,25 @@ def test_torch_compile_of_the_model_gives_the_eager_result():
         torch.testing.assert_close(out["compiled"][0][n], s)
     for k, v in out["eager"][1].items():
         torch.testing.assert_close(out["compiled"][1][k], v)
+
+
+def test_a_step_gradscaler_skips_applies_nothing_and_its_batch_counts_towards_the_next():
+    # documented behaviour: a skipped step never reaches the optimizer's hooks
+    model, layers = _chain().float(), ["0", "2", "4"]
+    x1, x2 = _x((7, 6), seed=1).float(), _x((7, 6), seed=2).float()
+    gm = lobster_fx.instrument(copy.deepcopy(model)).train()
+    opt = torch.optim.SGD(gm.parameters(), lr=ETA)
+    rule = SeReNe(gm, opt, 0.3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    before = _params(gm)
+    scaler.scale(_unit_loss(gm(x1)) * float("inf")).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert rule.steps == 0 and all(torch.equal(p, before[k]) for k, p in _params(gm).items())
+    opt.zero_grad()
+    scaler.scale(_unit_loss(gm(x2))).backward()
+    scaler.step(opt)
+    s1, s2 = (_hand_output_sensitivity(model, x, layers) for x in (x1, x2))
+    assert rule.steps == 1
+    for n in layers:
+        torch.testing.assert_close(rule.last_sensitivity[n], (s1[n] + s2[n]).float() / 2)
