@@ -28,9 +28,8 @@ layer as in the authors' code):
   size; the ``1 / C`` makes it a mean over outputs: ``S_n`` is then a lower bound, by the
   triangle inequality, of the "full" variant ``(1/C) sum_k |dy_k / dz_n|`` (C backwards), and
   of the same order as ``|dy/dz|`` for any number of classes, so that ``relu(1 - S_n)``
-  gates with the paper's scale (``S_n >= 1``: no shrink). This is the formula of
-  ``../shared/docs/methods-notes.md`` section 1 and of the issue, written from the formula,
-  not from the authors' code (which collapses conv sensitivities to one scalar). ``y`` is
+  gates with the paper's scale (``S_n >= 1``: no shrink). This is the paper's
+  formula (issue 15), written from the formula, not from the authors' code (which collapses conv sensitivities to one scalar). ``y`` is
   summed over the whole batch, as the authors do: with BatchNorm in training mode the batch
   statistics couple the samples, and ``d(sum y)/dz`` is the whole batch's.
 
@@ -49,7 +48,7 @@ layer as in the authors' code):
   optionally smoothed across steps, ``m <- momentum * m + (1 - momentum) * m_step``
   (``momentum=0``, the default: the step's own value; the authors' unused variant used 0.9).
   Under a ``GradScaler`` ``dL/dz`` is scaled: pass ``scaler=`` and it is divided by
-  ``scaler.get_scale()`` at the step. Note (methods-notes.md section 0): with a mean-reduced
+  ``scaler.get_scale()`` at the step. Note: with a mean-reduced
   loss ``dL/dz`` is small, so this variant gates weakly; it is here to be measured.
 
 Gradient accumulation: every training forward (``"output"``) or backward (``"loss"``) since
@@ -57,10 +56,9 @@ the last step adds its per-unit value; the step uses their mean, and starts a ne
 skipped by a ``GradScaler`` never reaches the optimizer, so its micro-batches count towards the
 next step's mean. A unit with no value since the last step gets no term at that step.
 
-Step time relative to plain SGD on the same instrumented model (2 CPU threads, batch 100,
-eager, methods interleaved, median of 15 rounds, on a machine loaded by another job: rough):
-LeNet-300 LOBSTER 1.15x, SeReNe output 1.43x, loss 1.31x; LeNet-5 LOBSTER 0.99x, output 1.84x
-(the extra backward computes the input gradient of every conv), loss 1.04x. A
+Step cost: ``"output"`` pays one backward from ``y`` to the unit outputs per training forward
+(for convs it computes every conv's input gradient), ``"loss"`` only per-unit means of
+``dL/dz``; figures will be in ``benchmarks/RESULTS.md`` (``benchmarks/methods.py``, issue 15). A
 ``torch.compile``-d model runs the hooks (with graph breaks) and gives the eager result
 (``tests/test_serene.py``, ``aot_eager``; inductor checked by hand).
 
