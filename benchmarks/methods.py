@@ -303,6 +303,8 @@ def _config(setting: str, method: str, args: argparse.Namespace, out: Path, epoc
 
     model, dataset, twt, _ = SETTINGS[setting]
     fields = dict(METHODS[method]) if method != "torch-pruning" else {"lmbda": 0.0}
+    if getattr(args, "lmbda", None) is not None and method not in ("dense", "torch-pruning"):
+        fields["lmbda"] = args.lmbda
     pwe = 10**9 if method in ("dense", "torch-pruning") else args.pwe
     return TrainConfig(
         model=model, dataset=args.dataset or dataset, data_root=str(Path(args.data_root).resolve()), epochs=epochs,
@@ -531,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--epochs", type=int, default=None,
                    help="epoch cap (default: the setting's; torch-pruning: the serene-output run's epoch count)")
     r.add_argument("--pwe", type=int, default=20, help="plateau waiting epochs (our methods)")
+    r.add_argument("--lmbda", type=float, default=None, help="override the method's lambda (recorded in record.json)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--data-root", default=str(DATA_ROOT))
