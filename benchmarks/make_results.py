@@ -23,6 +23,10 @@ SECTIONS = [
     ("taps_overhead", "Idle unit taps (issue 14)", "python benchmarks/taps_overhead.py"),
     ("pass_tuning", "Figures moved from docstrings: slim channel alignment, CSR crossover, prune memory (issue 14)",
      "see the section"),
+    ("methods", "SeReNe vs LOBSTER, L2, Torch-Pruning and dense, one budget (issue 15)",
+     "python benchmarks/methods.py run ...; python benchmarks/methods.py summarize"),
+    ("neq", "NEq: frozen units and real training-time savings (issue 16)", "python benchmarks/neq.py"),
+    ("psp", "PSP-entropy: gradual vs one-shot pruning (issue 17)", "python benchmarks/psp.py"),
     ("gpu_check", "CUDA checks: fused rule, half precision, NCCL, CSR, ONNX Runtime CUDA, ResNet-18 step",
      "python benchmarks/gpu_check.py"),
 ]
