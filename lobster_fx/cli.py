@@ -2,6 +2,13 @@
 
 Run ``lobster-fx demo`` on a fresh install: it needs no network and no download.
 
+``lobster-fx train`` takes the user's model and data: ``--model torchvision:NAME | timm:NAME |
+package.module:factory [--model-kwargs JSON]`` and ``--data imagefolder:DIR | package.module:function``
+(``package.module`` is imported with the current directory first on ``sys.path``, as ``python -m``
+does); every :class:`lobster_fx.train.TrainConfig` field is an option. ``lobster-fx export``
+rebuilds the model from the checkpoint's recorded config and input shape, without the data, or
+from ``--model SPEC --state-dict FILE --input-shape C,H,W``.
+
 Exit status: 0 on success; 1 on an error, which ends with one line on stderr
 (``lobster-fx COMMAND: error: MESSAGE``; ``lobster-fx --debug COMMAND ...`` shows the
 traceback instead); 2 on a usage error (argparse's message); 143 (128 + SIGTERM) when
@@ -18,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 __all__ = ["EXIT_ERROR", "EXIT_USAGE", "main", "run_demo"]
@@ -54,6 +62,78 @@ def _load_checkpoint_model(path: str) -> tuple[nn.Module, Any, Any, dict[str, An
         raise ValueError(f"{path}: its weights do not fit model {config.model!r} on {config.dataset!r} "
                          f"({first})") from exc
     return gm, config, splits, state
+
+
+def _load_weights(gm: nn.Module, weights: dict[str, Any], path: str, what: str) -> None:
+    try:
+        gm.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: its weights do not fit {what} ({first})") from exc
+
+
+def _rebuild_checkpoint_model(path: str, input_shape: tuple[int, ...] | None = None,
+                              ) -> tuple[nn.Module, Any, dict[str, Any], tuple[int, ...]]:
+    """The instrumented model of a training checkpoint, rebuilt without loading its data.
+
+    Returns ``(gm, config, state, input_shape)``. The input shape and class count come from the
+    checkpoint's ``data_info`` (recorded since the user-model command line); ``input_shape``
+    overrides the recorded shape. A checkpoint without ``data_info`` falls back to loading the
+    data as :func:`_load_checkpoint_model` does (unless ``input_shape`` is given for a model that
+    does not need the data to be built).
+
+    Raises:
+        OSError, ValueError: as :func:`_load_checkpoint_model`, and when neither the checkpoint
+            nor ``input_shape`` says what the model's input is.
+    """
+    from lobster_fx.graph.instrument import instrument
+    from lobster_fx.specs import parse_model_spec
+    from lobster_fx.train import config_from_dict, load_checkpoint, model_from_config
+
+    state = load_checkpoint(path)
+    config = config_from_dict(state["config"], path)
+    info = state.get("data_info")
+    builtin = parse_model_spec(config.model)[0] == "builtin"
+    if not isinstance(info, dict) and (builtin or input_shape is None):  # an older checkpoint: read the data
+        gm, config, splits, state = _load_checkpoint_model(path)
+        return gm, config, state, input_shape or tuple(splits.train.x.shape[1:])
+    shape = input_shape or tuple(int(d) for d in info["input_shape"])
+    num_classes = int(info["num_classes"]) if isinstance(info, dict) else 0
+    gm = instrument(model_from_config(config, shape, num_classes))
+    _load_weights(gm, state["model"], path, f"model {config.model!r}")
+    return gm, config, state, shape
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    """``C,H,W`` (or ``CxHxW``) as a tuple of positive ints."""
+    parts = text.replace("x", ",").replace(" ", "").split(",")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected positive ints such as 3,32,32, got {text!r}") from None
+    if not shape or any(d < 1 for d in shape):
+        raise argparse.ArgumentTypeError(f"expected positive ints such as 3,32,32, got {text!r}")
+    return shape
+
+
+def _state_dict_model(spec: str, kwargs: dict[str, Any] | None, path: str) -> nn.Module:
+    """``spec``'s model with the weights of ``path``: a plain or an instrumented state dict, or a
+    lobster-fx checkpoint (its ``model`` entry); read with ``weights_only=True``."""
+    from lobster_fx.checkpoint import _read_checkpoint
+    from lobster_fx.graph.instrument import instrument
+    from lobster_fx.specs import build_model_from_spec
+
+    weights = _read_checkpoint(Path(path))
+    if isinstance(weights, dict) and isinstance(weights.get("model"), dict) and "config" in weights:
+        weights = weights["model"]
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ValueError(f"{path} is not a state dict (a dict of tensors, as torch.save(model.state_dict()) "
+                         f"writes); it holds a {type(weights).__name__}")
+    model = build_model_from_spec(spec, kwargs)
+    masked = any(key.rsplit(".", 1)[-1].endswith("_mask") for key in weights)
+    gm = instrument(model) if masked else model  # export_onnx folds masks; a plain model needs none
+    _load_weights(gm, weights, path, f"model {spec!r}" + (" (instrumented)" if masked else ""))
+    return gm
 
 
 def _write_json(obj: Any, path: Path) -> None:
@@ -160,27 +240,38 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from lobster_fx.config_cli import dataclass_kwargs
     from lobster_fx.report import sparsity_report
     from lobster_fx.train import TrainConfig, train
 
-    config = TrainConfig(model=args.model, dataset=args.dataset, data_root=args.data_root, epochs=args.epochs,
-                         batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, lmbda=args.lmbda,
-                         twt=args.twt, pwe=args.pwe, seed=args.seed, out_dir=args.out,
-                         max_minutes=args.max_minutes, threads=args.threads, progress=not args.no_progress,
-                         fused_rule={"auto": None, "on": True, "off": False}[args.fused_rule],
-                         method=args.method, sensitivity=args.sensitivity)
+    config = TrainConfig(**dataclass_kwargs(args, TrainConfig))
     result = train(config, resume=not args.restart)
     print(sparsity_report(result.gm).table())
     last = result.log[-1] if result.log else {}
-    print(f"test error {last.get('test_error', float('nan')):.2f}%  checkpoint: {Path(args.out) / 'checkpoint.pt'}")
+    ckpt = Path(config.out_dir) / "checkpoint.pt"
+    print(f"test error {last.get('test_error', float('nan')):.2f}%  checkpoint: {ckpt}")
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from lobster_fx.onnx.export import export_onnx
 
-    gm, _, splits, _ = _load_checkpoint_model(args.checkpoint)
-    report = export_onnx(gm, splits.test.x[:1], args.output, sparse=not args.dense, slim=not args.no_slim,
+    if args.state_dict is not None:
+        if args.checkpoint is not None:
+            raise ValueError(f"give either a checkpoint ({args.checkpoint}) or --state-dict, not both")
+        if args.model is None or args.input_shape is None:
+            raise ValueError("--state-dict needs --model SPEC (and --model-kwargs as trained) and --input-shape C,H,W")
+        gm, shape = _state_dict_model(args.model, args.model_kwargs, args.state_dict), args.input_shape
+    else:
+        if args.checkpoint is None:
+            raise ValueError("give a training checkpoint and the output file, or --model SPEC --state-dict FILE "
+                             "--input-shape C,H,W and the output file")
+        if args.model is not None or args.model_kwargs is not None:
+            raise ValueError("--model and --model-kwargs go with --state-dict; a checkpoint records its model")
+        gm, _, _, shape = _rebuild_checkpoint_model(args.checkpoint, args.input_shape)
+    # a fixed random example (standardised data is about N(0, 1)): export and its parity check need no data
+    example = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
+    report = export_onnx(gm, example, args.output, sparse=not args.dense, slim=not args.no_slim,
                          index_dtype="compact" if args.compact else "int64")
     print(report)
     return 0
@@ -207,7 +298,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from lobster_fx.report import plot_layers, plot_training, sparsity_report
 
-    gm, _, _, state = _load_checkpoint_model(args.checkpoint)
+    gm, _, state, _ = _rebuild_checkpoint_model(args.checkpoint)
     rep = sparsity_report(gm)
     print(rep.table())
     out = Path(args.out)
@@ -237,36 +328,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lobster: weights (eq. 6); serene: whole neurons by sensitivity, pruned as units")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("train", help="train a reference model with LOBSTER (resumes from --out/checkpoint.pt)")
-    p.add_argument("--model", default="lenet300", choices=["lenet300", "lenet5", "resnet32"])
-    p.add_argument("--dataset", default="mnist", choices=["digits", "mnist", "fashion-mnist"])
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--momentum", type=float, default=0.0)
-    p.add_argument("--lmbda", type=float, default=1e-4)
-    p.add_argument("--twt", type=float, default=0.05)
-    p.add_argument("--pwe", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-minutes", type=float, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--method", default="lobster", choices=["lobster", "serene"],
-                   help="lobster: weights (eq. 6); serene: whole neurons by sensitivity, pruned as units")
-    p.add_argument("--sensitivity", default="output", choices=["output", "loss"],
-                   help="SeReNe's sensitivity: d(sum y)/dz (one extra backward per step) or dL/dz")
-    p.add_argument("--fused-rule", choices=["auto", "on", "off"], default="auto",
-                   help="the LOBSTER rule as torch.compile kernels (auto: from 2**20 prunable weights up)")
-    p.add_argument("--out", required=True)
+    from lobster_fx.config_cli import add_dataclass_options
+    from lobster_fx.train import CHOICES, TrainConfig
+
+    p = sub.add_parser("train", help="train a model with LOBSTER or SeReNe (resumes from --out/checkpoint.pt)",
+                       description="Train --model on --data with LOBSTER (or SeReNe) and plateau pruning; every "
+                       "TrainConfig field is an option. package.module:factory and package.module:function are "
+                       "imported with the current directory first on sys.path, as python -m does.")
     p.add_argument("--restart", action="store_true",
                    help="start over, ignoring an existing checkpoint (a resume must keep the options that define "
-                        "the run: only --epochs, --max-minutes, --threads and --no-progress may change)")
-    p.add_argument("--no-progress", action="store_true")
+                        "the run: only --epochs, --max-minutes, --out, --checkpoint-every, --threads, --device and "
+                        "--no-progress may change)")
+    add_dataclass_options(p, TrainConfig, aliases={"out_dir": ["--out", "--out-dir"],
+                                                   "dataset": ["--data", "--dataset"]},
+                          choices=CHOICES, required=["out_dir"])
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("export", help="export a training checkpoint to (sparse, slim) ONNX")
-    p.add_argument("checkpoint")
-    p.add_argument("output")
+    p = sub.add_parser("export", help="export a training checkpoint (or a model and its state dict) to ONNX",
+                       usage="lobster-fx export [-h] [CHECKPOINT] OUTPUT [--input-shape C,H,W] "
+                             "[--model SPEC [--model-kwargs JSON] --state-dict FILE] [--dense] [--no-slim] [--compact]",
+                       description="Export a lobster-fx train checkpoint: the model is rebuilt from its recorded "
+                       "config and input shape, without the data. Or export --model SPEC with the weights of "
+                       "--state-dict FILE (then --input-shape is needed).")
+    p.add_argument("checkpoint", nargs="?", default=None, metavar="CHECKPOINT",
+                   help="a lobster-fx train checkpoint.pt (leave out with --state-dict)")
+    p.add_argument("output", metavar="OUTPUT", help="the .onnx file to write")
+    p.add_argument("--input-shape", type=_parse_shape, default=None, metavar="C,H,W",
+                   help="one input's shape, without the batch dimension (checkpoints that train writes now record "
+                        "it; needed with --state-dict)")
+    p.add_argument("--model", default=None, metavar="SPEC",
+                   help="with --state-dict: lenet300, lenet5, resnet32, torchvision:NAME, timm:NAME or "
+                        "package.module:factory (imported with the current directory on sys.path)")
+    p.add_argument("--model-kwargs", type=_json_arg, default=None, metavar="JSON",
+                   help="with --state-dict: the model's constructor arguments, e.g. '{\"num_classes\": 10}'")
+    p.add_argument("--state-dict", default=None, metavar="FILE",
+                   help="the weights: torch.save(model.state_dict()) of --model, instrumented or plain, or a "
+                        "lobster-fx checkpoint (loaded with weights_only=True)")
     p.add_argument("--dense", action="store_true", help="keep dense initializers")
     p.add_argument("--no-slim", action="store_true")
     p.add_argument("--compact", action="store_true", help="smallest index type ONNX Runtime accepts")
@@ -287,6 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     for p in sub.choices.values():  # --debug after the command too (SUPPRESS: absent, the global value holds)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser
+
+
+def _json_arg(text: str) -> dict[str, Any]:
+    from lobster_fx.config_cli import _json_object
+
+    return _json_object(text)
 
 
 def _one_line(exc: BaseException) -> str:

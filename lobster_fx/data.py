@@ -34,6 +34,7 @@ import gzip
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,6 +48,7 @@ __all__ = [
     "load_digits",
     "read_idx_pair",
     "batches",
+    "splits_from_user",
 ]
 
 #: Accepted dataset names (lower case) -> folder under the data root.
@@ -84,6 +86,7 @@ class Splits:
     """Train / validation / test data and the normalisation that was applied.
 
     ``x_normalised = (x_in_[0,1] - mean) / std``; ``mean=0, std=1`` when not normalised.
+    ``classes`` names the labels where the data has names (an image folder's subfolders).
     """
 
     train: TensorData
@@ -91,6 +94,14 @@ class Splits:
     test: TensorData
     mean: float
     std: float
+    classes: list[str] | None = None
+
+    def to(self, device: torch.device | str) -> Splits:
+        """The same splits with every tensor on ``device`` (``self`` when already there)."""
+        if self.train.x.device == torch.device(device):
+            return self
+        parts = [TensorData(d.x.to(device), d.y.to(device)) for d in (self.train, self.val, self.test)]
+        return Splits(*parts, mean=self.mean, std=self.std, classes=self.classes)
 
 
 def _canonical_folder(name: str) -> str:
@@ -325,3 +336,72 @@ def batches(
                 yield data.x[idx], data.y[idx]
 
     return epoch()
+
+
+def _as_tensor_data(part: Any, name: str, spec: str) -> TensorData:
+    """One split a data function returned, as TensorData (float32 inputs, int64 labels)."""
+    if isinstance(part, TensorData):
+        x, y = part.x, part.y
+    elif isinstance(part, (tuple, list)) and len(part) == 2 and all(isinstance(t, Tensor) for t in part):
+        x, y = part
+    elif hasattr(part, "__getitem__") and hasattr(part, "__len__"):  # a map-style Dataset of (x, y)
+        if len(part) == 0:
+            raise ValueError(f"data function {spec!r}: its {name} split is empty")
+        items = [part[i] for i in range(len(part))]
+        if not all(isinstance(it, (tuple, list)) and len(it) == 2 for it in items[:1]):
+            raise ValueError(f"data function {spec!r}: items of its {name} dataset must be (x, y) pairs, "
+                             f"got {type(items[0]).__name__}")
+        x = torch.stack([torch.as_tensor(it[0]) for it in items])
+        y = torch.as_tensor([int(it[1]) for it in items])
+    else:
+        raise ValueError(f"data function {spec!r}: its {name} split must be an (x, y) pair of tensors or a "
+                         f"Dataset of (x, y) items, got {type(part).__name__}")
+    if y.ndim != 1 or y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
+        raise ValueError(f"data function {spec!r}: {name} labels must be a 1-D integer tensor of class indices, "
+                         f"got shape {tuple(y.shape)} {y.dtype}")
+    if len(y) == 0:
+        raise ValueError(f"data function {spec!r}: its {name} split is empty")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"data function {spec!r}: {name} has {x.shape[0]} inputs but {y.shape[0]} labels")
+    if int(y.min()) < 0:
+        raise ValueError(f"data function {spec!r}: {name} labels must be >= 0, got {int(y.min())}")
+    return TensorData(x.detach().to(torch.float32).contiguous(), y.detach().to(torch.int64))
+
+
+def splits_from_user(result: Any, spec: str) -> Splits:
+    """Check and convert what a ``package.module:function`` data function returned.
+
+    ``result`` is ``(train, val, test)`` or ``{"train": ..., "val": ..., "test": ...}``; each
+    split an ``(x, y)`` pair of tensors, a :class:`TensorData`, or a map-style Dataset of
+    ``(x, y)`` items (read into memory). Inputs become float32 and are not normalised
+    (``mean=0, std=1``); labels become int64.
+
+    Raises:
+        ValueError: the result breaks this contract (the message names ``spec`` and the split).
+
+    Example::
+
+        >>> import torch
+        >>> part = (torch.zeros(4, 3), torch.tensor([0, 1, 0, 1]))
+        >>> splits = splits_from_user({"train": part, "val": part, "test": part}, "mydata:load")
+        >>> len(splits.train), splits.train.x.dtype
+        (4, torch.float32)
+    """
+    if isinstance(result, dict):
+        missing = [k for k in ("train", "val", "test") if k not in result]
+        if missing:
+            raise ValueError(f"data function {spec!r} returned a dict without {', '.join(map(repr, missing))} "
+                             f"(keys: {', '.join(map(repr, result))}); it must hold 'train', 'val' and 'test'")
+        parts = [result["train"], result["val"], result["test"]]
+    elif isinstance(result, (tuple, list)) and len(result) == 3:
+        parts = list(result)
+    else:
+        raise ValueError(f"data function {spec!r} must return (train, val, test) or a dict with 'train', 'val' "
+                         f"and 'test', got {type(result).__name__}"
+                         + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else ""))
+    train, val, test = (_as_tensor_data(p, n, spec) for p, n in zip(parts, ("train", "val", "test")))
+    for name, part in (("val", val), ("test", test)):
+        if part.x.shape[1:] != train.x.shape[1:]:
+            raise ValueError(f"data function {spec!r}: {name} inputs have shape {tuple(part.x.shape[1:])}, "
+                             f"train inputs {tuple(train.x.shape[1:])}")
+    return Splits(train, val, test, mean=0.0, std=1.0)

@@ -18,14 +18,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import numbers
-import os
 import signal
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,186 +38,40 @@ from lobster_fx.checkpoint import (
     prepare_out_dir,
 )
 from lobster_fx.data import (
-    DATASETS,
     Splits,
     TensorData,
     batches,
     load_dataset,
     load_digits,
+    splits_from_user,
 )
 from lobster_fx.graph.instrument import instrument
 from lobster_fx.methods.lobster import Lobster
 from lobster_fx.methods.serene import SeReNe
-from lobster_fx.models import MODELS, get_model
+from lobster_fx.models import get_model
 from lobster_fx.pruning.schedule import PlateauPruner
 from lobster_fx.report import sparsity_report
+from lobster_fx.specs import build_model_from_spec, call_data_function, parse_data_spec, parse_model_spec
+from lobster_fx.train_config import (
+    CHOICES,
+    METHODS,
+    OPTIMIZERS,
+    RESUMABLE_CHANGES,
+    TrainConfig,
+    _check_resume,
+    check_device,
+    config_from_dict,
+)
 
 __all__ = [
-    "RESUMABLE_CHANGES", "TrainConfig", "TrainResult", "TrainingInterrupted", "atomic_save", "atomic_write_text",
-    "METHODS", "build_model", "config_from_dict", "evaluate", "load_checkpoint", "load_splits", "train",
+    "CHOICES", "RESUMABLE_CHANGES", "TrainConfig", "TrainResult", "TrainingInterrupted", "atomic_save",
+    "atomic_write_text", "METHODS", "OPTIMIZERS", "build_model", "check_device", "config_from_dict", "data_info",
+    "evaluate", "load_checkpoint", "load_splits", "model_from_config", "train",
 ]
 
-#: the per-step rule of each ``TrainConfig.method``, and what its pruning phases remove
-METHODS = {"lobster": "weight", "serene": "neuron"}
-#: TrainConfig fields a resumed run may change: how long, where and how fast it runs, and what it
-#: prints. Every other field defines the run (its data, model or arithmetic), and a resume that
-#: changes one is refused. ``threads`` can change float rounding in some kernels, like resuming on
-#: another machine would; it is allowed so that a resumed run can use the machine it lands on.
-RESUMABLE_CHANGES = frozenset({"epochs", "max_minutes", "out_dir", "progress", "checkpoint_every", "threads"})
 #: the keys of a checkpoint that ``train`` resumes from
 _RESUME_KEYS = ("config", "model", "optimizer", "rule", "pruner", "generator", "log", "epoch", "elapsed",
                 "cycle_epoch")
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on (saved in its checkpoint and log)."""
-
-    model: str = "lenet300"
-    dataset: str = "mnist"  #: "mnist", "fashion-mnist" or "digits" (bundled with scikit-learn)
-    data_root: str | None = None  #: folder holding MNIST/ and FashionMNIST/ (not needed for digits)
-    epochs: int = 100
-    batch_size: int = 100
-    lr: float = 0.1
-    momentum: float = 0.0
-    weight_decay: float = 0.0  #: plain L2 (the weight-decay baseline)
-    lmbda: float = 1e-4  #: LOBSTER strength; 0 = pure magnitude pruning at plateaus
-    twt: float = 0.05
-    pwe: int = 20
-    rollback: bool = True
-    plateau_threshold: float = 0.0
-    search_precision: float = 0.0  #: threshold search stops at this share of candidates (0 = exact, the paper)
-    lr_min_factor: float = 1.0  #: cosine decay of lr down to lr*factor within each prune cycle (1 = constant)
-    val_size: int = 5000
-    seed: int = 0
-    max_minutes: float | None = None  #: stop (with a checkpoint) after this much wall time
-    out_dir: str | None = None  #: checkpoint.pt and log.json go here
-    progress: bool = True
-    checkpoint_every: int = 1  #: epochs between checkpoints (the last epoch is always saved)
-    threads: int | None = None  #: torch intra-op threads (None: torch's default); 1 suits small models on a busy machine
-    eval_batch_size: int = 5000
-    #: store conv weights and activations NHWC (oneDNN's NHWC kernels); same arithmetic. Its speed
-    #: effect on LeNet-5 is within this machine's noise: benchmarks/results/train_cost.md
-    channels_last: bool = False
-    #: ``Lobster(fused=...)``: None = compiled kernels from 2**20 prunable weights up; True pays a
-    #: compile once for a cheaper step on smaller models (figures: benchmarks/RESULTS.md)
-    fused_rule: bool | None = None
-    #: "lobster" (eq. 6, weights pruned at plateaus) or "serene" (neuron sensitivity, whole units
-    #: pruned at plateaus: ``granularity="neuron"``)
-    method: str = "lobster"
-    #: SeReNe's sensitivity: "output" (d(sum y)/dz, one extra backward per step) or "loss" (dL/dz)
-    sensitivity: str = "output"
-
-    def __post_init__(self) -> None:
-        """Check every field's type and range, naming the field and value that are wrong.
-
-        Raises:
-            TypeError: a field of the wrong type (``True`` is not a number here).
-            ValueError: a value out of range, an unknown model or dataset, or a model the
-                dataset's images do not fit (LeNet-5 needs 28 x 28; digits are 8 x 8).
-        """
-        _validate_config(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-_INT_MIN = {"epochs": 1, "batch_size": 1, "pwe": 1, "checkpoint_every": 1, "eval_batch_size": 1, "val_size": 0,
-            "seed": 0}
-_FLOAT_RANGE = {  # field: (low, low included, high, high included)
-    "lr": (0.0, False, math.inf, False), "momentum": (0.0, True, math.inf, False),
-    "weight_decay": (0.0, True, math.inf, False), "lmbda": (0.0, True, math.inf, False),
-    "twt": (0.0, True, math.inf, False), "plateau_threshold": (0.0, True, 1.0, False),
-    "search_precision": (0.0, True, 1.0, False), "lr_min_factor": (0.0, True, 1.0, True),
-    "max_minutes": (0.0, True, math.inf, False),
-}
-_OPTIONAL = ("max_minutes", "threads")
-_BOOLS = ("rollback", "progress", "channels_last")
-
-
-def _field_error(name: str, value: Any, expected: str) -> TypeError:
-    return TypeError(f"TrainConfig.{name} must be {expected}, got {value!r} ({type(value).__name__})")
-
-
-def _check_int(name: str, value: Any, low: int) -> int | None:
-    if value is None and name in _OPTIONAL:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise _field_error(name, value, "an int" + (" or None" if name in _OPTIONAL else ""))
-    if value < low:
-        raise ValueError(f"TrainConfig.{name} must be >= {low}, got {value!r}")
-    return int(value)
-
-
-def _check_float(name: str, value: Any, low: float, low_ok: bool, high: float, high_ok: bool) -> float | None:
-    if value is None and name in _OPTIONAL:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise _field_error(name, value, "a number" + (" or None" if name in _OPTIONAL else ""))
-    value = float(value)
-    if not (math.isfinite(value) and (low <= value if low_ok else low < value)
-            and (value <= high if high_ok else value < high)):
-        if math.isinf(high):
-            bound = f"a finite number {'>=' if low_ok else '>'} {low:g}"
-        else:
-            bound = f"in {'[' if low_ok else '('}{low:g}, {high:g}{']' if high_ok else ')'}"
-        raise ValueError(f"TrainConfig.{name} must be {bound}, got {value!r}")
-    return value
-
-
-def _check_name(name: str, value: Any, valid: list[str]) -> str:
-    if not isinstance(value, str):
-        raise _field_error(name, value, "a str")
-    if value.lower() not in valid:
-        raise ValueError(f"TrainConfig.{name}: unknown {name} {value!r}; valid: {', '.join(valid)}")
-    return value.lower()
-
-
-def _check_path(name: str, value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, (str, os.PathLike)):
-        raise _field_error(name, value, "a path (str) or None")
-    return os.fspath(value)  # a str: checkpoints hold plain data only
-
-
-def _validate_config(config: TrainConfig) -> None:
-    c = config
-    c.model = _check_name("model", c.model, sorted(MODELS))
-    c.dataset = _check_name("dataset", c.dataset, ["digits", *DATASETS])
-    c.method = _check_name("method", c.method, list(METHODS))
-    c.sensitivity = _check_name("sensitivity", c.sensitivity, ["output", "loss"])
-    c.data_root, c.out_dir = _check_path("data_root", c.data_root), _check_path("out_dir", c.out_dir)
-    for name, low in {**_INT_MIN, "threads": 1}.items():
-        setattr(c, name, _check_int(name, getattr(c, name), low))
-    for name, bounds in _FLOAT_RANGE.items():
-        setattr(c, name, _check_float(name, getattr(c, name), *bounds))
-    for name in _BOOLS:
-        if not isinstance(getattr(c, name), bool):
-            raise _field_error(name, getattr(c, name), "True or False")
-    if c.fused_rule is not None and not isinstance(c.fused_rule, bool):
-        raise _field_error("fused_rule", c.fused_rule, "True, False or None")
-    if c.model == "lenet5" and c.dataset == "digits":
-        raise ValueError("TrainConfig: model 'lenet5' needs 28 x 28 images (mnist, fashion-mnist), but dataset "
-                         "'digits' has 8 x 8 images: use lenet300 or resnet32 with digits")
-
-
-def config_from_dict(saved: dict[str, Any], source: str | Path = "the checkpoint") -> TrainConfig:
-    """The :class:`TrainConfig` a checkpoint's ``config`` entry describes.
-
-    Raises:
-        ValueError: the entry names fields this version does not know, or holds invalid values
-            (the message names ``source``).
-    """
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(saved) - known)
-    if unknown:
-        raise ValueError(f"{source}: its config has options this version of lobster-fx does not know: "
-                         f"{', '.join(unknown)}")
-    try:
-        return TrainConfig(**saved)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{source}: invalid config: {exc}") from exc
 
 
 @dataclass
@@ -231,7 +83,19 @@ class TrainResult:
 
 
 def load_splits(config: TrainConfig) -> Splits:
-    name = config.dataset.lower()
+    """The train / validation / test data ``config.dataset`` names, on the CPU.
+
+    Raises:
+        ValueError, OSError: the data is missing or malformed (the message names it).
+    """
+    kind, name = parse_data_spec(config.dataset)
+    if kind == "imagefolder":
+        from lobster_fx.imagefolder import load_image_folder
+
+        return load_image_folder(name, image_size=config.image_size, val_fraction=config.val_fraction,
+                                 test_fraction=config.test_fraction, seed=config.seed)
+    if kind == "function":
+        return splits_from_user(call_data_function(name, config.data_kwargs), name)
     if name == "digits":
         return load_digits(seed=config.seed)
     if config.data_root is None:
@@ -239,14 +103,79 @@ def load_splits(config: TrainConfig) -> Splits:
     return load_dataset(name, config.data_root, val_size=config.val_size, seed=config.seed)
 
 
+def data_info(splits: Splits) -> dict[str, Any]:
+    """What a checkpoint records of its data, so that the model can be rebuilt without it.
+
+    ``input_shape`` (one sample's), ``num_classes``, ``classes`` (names or None), ``mean`` and
+    ``std`` (the normalisation applied to the inputs).
+
+    Example::
+
+        >>> from lobster_fx.data import load_digits
+        >>> info = data_info(load_digits())
+        >>> info["input_shape"], info["num_classes"]
+        ([1, 8, 8], 10)
+    """
+    labels = max(int(part.y.max()) for part in (splits.train, splits.val, splits.test)) + 1
+    if splits.classes is not None:
+        labels = max(labels, len(splits.classes))
+    return {"input_shape": [int(d) for d in splits.train.x.shape[1:]], "num_classes": labels,
+            "classes": None if splits.classes is None else list(splits.classes),
+            "mean": float(splits.mean), "std": float(splits.std)}
+
+
+def model_from_config(config: TrainConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The (plain, un-instrumented) model ``config.model`` names, for inputs of ``input_shape``.
+
+    A reference model gets its input size and ``num_classes`` from these arguments
+    (``config.model_kwargs`` override them); any other spec is built from
+    ``config.model_kwargs`` alone (:func:`lobster_fx.specs.build_model_from_spec`).
+
+    Example::
+
+        >>> model_from_config(TrainConfig(model="lenet300", dataset="digits"), (1, 8, 8), 10).fc1.in_features
+        64
+    """
+    kind, name = parse_model_spec(config.model)
+    if kind != "builtin":
+        return build_model_from_spec(config.model, config.model_kwargs)
+    kwargs: dict[str, Any] = {"num_classes": int(num_classes)}
+    if name == "lenet300":
+        kwargs["in_features"] = math.prod(input_shape)
+    elif name in ("lenet5", "resnet32"):
+        kwargs["in_channels"] = input_shape[0]
+    return get_model(name, **{**kwargs, **(config.model_kwargs or {})})
+
+
 def build_model(config: TrainConfig, splits: Splits) -> nn.Module:
-    in_shape = tuple(splits.train.x.shape[1:])
-    kwargs: dict[str, Any] = {"num_classes": int(splits.train.y.max()) + 1}
-    if config.model == "lenet300":
-        kwargs["in_features"] = math.prod(in_shape)
-    elif config.model in ("lenet5", "resnet32"):
-        kwargs["in_channels"] = in_shape[0]
-    return get_model(config.model, **kwargs)
+    """:func:`model_from_config` for the input shape and classes of ``splits``."""
+    if parse_model_spec(config.model)[0] == "builtin" and config.model_kwargs is None:
+        # as before data_info existed: the class count of the training labels
+        return model_from_config(config, tuple(splits.train.x.shape[1:]), int(splits.train.y.max()) + 1)
+    info = data_info(splits)
+    return model_from_config(config, tuple(info["input_shape"]), info["num_classes"])
+
+
+def _check_model_output(model: nn.Module, config: TrainConfig, splits: Splits, num_classes: int) -> None:
+    """One forward of two training inputs (eval mode, no grad), so a model that does not fit the
+    data fails here with a message naming both, not in the middle of the first epoch."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(splits.train.x[:2])
+    except Exception as exc:
+        raise ValueError(f"model {config.model!r} on inputs of shape {tuple(splits.train.x.shape[1:])} from "
+                         f"{config.dataset!r} raised {type(exc).__name__}: {exc}") from exc
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        what = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"model {config.model!r} must return N x classes logits (cross-entropy), got {what}")
+    if out.shape[1] < num_classes:
+        raise ValueError(f"model {config.model!r} returns {out.shape[1]} logits per input, but {config.dataset!r} "
+                         f"has {num_classes} classes: pass --model-kwargs '{{\"num_classes\": {num_classes}}}' "
+                         "(or what the model calls it)")
 
 
 @torch.no_grad()
@@ -261,34 +190,6 @@ def evaluate(model: nn.Module, data: TensorData, batch_size: int = 5000) -> tupl
         wrong += int((out.argmax(1) != y).sum())
     model.train(was_training)
     return loss_sum / len(data), 100.0 * wrong / len(data)
-
-
-def _same_option(name: str, old: Any, new: Any, dataset: str) -> bool:
-    if name == "data_root":
-        if dataset == "digits":  # bundled with scikit-learn: the folder is not used
-            return True
-        if old is None or new is None:
-            return old is new
-        return Path(old).expanduser().resolve() == Path(new).expanduser().resolve()
-    if isinstance(old, str) and isinstance(new, str):
-        return old.lower() == new.lower()
-    return old == new
-
-
-def _check_resume(saved: dict[str, Any], config: TrainConfig, ckpt: Path) -> None:
-    """Refuse to resume ``ckpt`` with run-defining options other than those it was trained with."""
-    changed = [
-        f"{name} {saved[name]!r} -> {value!r}"
-        for name, value in config.to_dict().items()
-        if name not in RESUMABLE_CHANGES and name in saved  # older checkpoints may lack newer fields
-        and not _same_option(name, saved[name], value, config.dataset)
-    ]
-    if changed:
-        raise ValueError(
-            f"cannot resume {ckpt}: options that define the run differ from the checkpoint's "
-            f"(checkpoint -> now): {'; '.join(changed)}. Resume with the checkpoint's values, start over "
-            "(--restart, or train(..., resume=False)), or write to another output directory"
-        )
 
 
 def _rng_states() -> dict[str, Any]:
@@ -369,19 +270,31 @@ class _Run:
     rule: Lobster
     pruner: PlateauPruner
     gen: torch.Generator
+    device: torch.device
     log: list[dict[str, Any]] = field(default_factory=list)
     epoch0: int = 0
     elapsed0: float = 0.0
     cycle_epoch: int = 0
 
 
-def _build_run(config: TrainConfig) -> _Run:
+def _make_optimizer(config: TrainConfig, params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":  # decoupled decay; the rule's lmbda term is applied on top, after the step
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def _build_run(config: TrainConfig, device: torch.device) -> _Run:
     torch.manual_seed(config.seed)
     splits = load_splits(config)
-    gm = instrument(build_model(config, splits))
+    model = build_model(config, splits)
+    if parse_model_spec(config.model)[0] != "builtin":
+        _check_model_output(model, config, splits, data_info(splits)["num_classes"])
+    # on the device before instrument: the masks are created beside their weights
+    gm = instrument(model.to(device))
+    splits = splits.to(device)  # in memory on the device: batches are slices of it
     if config.channels_last:
         gm.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(gm.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    opt = _make_optimizer(config, gm.parameters())
     if config.method == "serene":
         rule = SeReNe(gm, opt, lmbda=config.lmbda, sensitivity=config.sensitivity)
     else:
@@ -396,18 +309,28 @@ def _build_run(config: TrainConfig) -> _Run:
         optimizer=opt,  # rollback also discards the momentum of the discarded epochs
         granularity=METHODS[config.method],
     )
-    return _Run(splits, gm, opt, rule, pruner, torch.Generator().manual_seed(config.seed))
+    return _Run(splits, gm, opt, rule, pruner, torch.Generator().manual_seed(config.seed), device)
 
 
 def _restore(run: _Run, state: dict[str, Any]) -> None:
     run.gm.load_state_dict(state["model"])
     run.opt.load_state_dict(state["optimizer"])
-    run.rule.load_state_dict(state["rule"])
+    run.rule.load_state_dict(_to_device(state["rule"], run.device))  # checkpoints load onto the CPU
     run.pruner.load_state_dict(state["pruner"])
     run.gen.set_state(state["generator"])
     _set_rng_states(state)  # last: nothing after it draws before the first resumed epoch
     run.log, run.epoch0, run.elapsed0, run.cycle_epoch = state["log"], state["epoch"], state["elapsed"], \
         state["cycle_epoch"]
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
 
 
 def _set_cycle_lr(run: _Run, config: TrainConfig) -> None:
@@ -441,7 +364,7 @@ def _save(run: _Run, config: TrainConfig, out: Path, epoch: int, elapsed: float)
             "config": config.to_dict(), "model": run.gm.state_dict(), "optimizer": run.opt.state_dict(),
             "rule": run.rule.state_dict(), "pruner": run.pruner.state_dict(), "generator": run.gen.get_state(),
             "log": run.log, "epoch": epoch, "elapsed": elapsed, "cycle_epoch": run.cycle_epoch,
-            **_rng_states(),
+            "data_info": data_info(run.splits), **_rng_states(),
         },
         out / "checkpoint.pt",
     )
@@ -501,9 +424,15 @@ def train(
     Resuming: the checkpoint's config must agree with ``config`` on every option that
     defines the run (model, dataset, data_root, batch_size, lr, momentum, weight_decay,
     lmbda, twt, pwe, rollback, plateau_threshold, search_precision, lr_min_factor,
-    val_size, seed, eval_batch_size, channels_last, fused_rule, method, sensitivity). Only those in
+    val_size, seed, eval_batch_size, channels_last, fused_rule, method, sensitivity, model_kwargs,
+    data_kwargs, image_size, val_fraction, test_fraction, optimizer). Only those in
     :data:`RESUMABLE_CHANGES` may differ: ``epochs`` (extending a run is legitimate),
-    ``max_minutes``, ``out_dir``, ``progress``, ``checkpoint_every`` and ``threads``.
+    ``max_minutes``, ``out_dir``, ``progress``, ``checkpoint_every``, ``threads`` and ``device``.
+
+    ``device``: the model (with its masks), the optimizer state and the data splits live
+    there; checkpoints are loaded onto the CPU and moved, so a run may resume on another device.
+    The checkpoint also records :func:`data_info` (input shape, classes), which
+    ``lobster-fx export`` uses to rebuild the model without the data.
     Otherwise a ValueError names each differing option with both values.
 
     SIGTERM (with ``out_dir`` set, in the main thread): when the checkpoint on disk is
@@ -520,6 +449,7 @@ def train(
         TrainingInterrupted: SIGTERM arrived.
     """
     start = time.perf_counter()
+    device = check_device(config.device)  # before anything is written
     out = Path(config.out_dir) if config.out_dir else None
     ckpt = out / "checkpoint.pt" if out else None
     state = None
@@ -530,7 +460,7 @@ def train(
             _check_resume(state["config"], config, ckpt)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    run = _build_run(config)
+    run = _build_run(config, device)
     if state is not None:
         _restore(run, state)
     saved = run.epoch0 if state is not None else None  # epochs the checkpoint on disk holds
