@@ -220,10 +220,20 @@ class Sparsifier:
     on_validation = step
 
     def detach(self) -> None:
-        """Take the rule off the optimizer (later steps are plain optimizer steps)."""
+        """Take the rule off the optimizer (later steps are plain optimizer steps). The rule's and
+        the schedule's state are kept: :meth:`state_dict` still has them, and the next
+        :meth:`attach` (a new optimizer) continues from them."""
         if self.rule is not None:
+            self._pending = {"rule": self.rule.state_dict(), "pruner": self.pruner.state_dict()}
             self.rule.remove()
         self.rule = self.pruner = self.optimizer = None
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One entry per pruning phase so far (:attr:`lobster_fx.PlateauPruner.history`)."""
+        if self.pruner is not None:
+            return self.pruner.history
+        return list(self._pending["pruner"]["history"]) if self._pending is not None else []
 
     def fold(self) -> nn.Module:
         """A copy of the model with the masks multiplied into the weights and removed
