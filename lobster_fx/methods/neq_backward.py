@@ -31,6 +31,21 @@ kept in the :class:`LayerCtl`), so :func:`remove_fast_path` restores the graph e
 is installed, :func:`lobster_fx.graph.taps.find_units` does not see the rerouted layers: create
 taps-based rules (SeReNe) before NEq, and ``remove()`` NEq before neuron pruning, ``fold``,
 ``slim`` or export.
+
+Example (NEq installs it; here by hand, rows 0 and 2 of the first layer active)::
+
+    >>> import torch, lobster_fx
+    >>> from lobster_fx.graph.taps import install_taps
+    >>> gm = lobster_fx.instrument(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(),
+    ...                                                 torch.nn.Linear(3, 2)))
+    >>> _ = install_taps(gm)
+    >>> ctls = install_fast_path(gm, {"0"})
+    >>> ctls["0"].active = torch.tensor([0, 2])
+    >>> gm(torch.randn(5, 4)).sum().backward()
+    >>> gm.get_parameter("0.weight").grad[1].abs().sum().item()  # row 1 frozen: not computed
+    0.0
+    >>> remove_fast_path(gm); "neq_layer" in gm.code
+    False
 """
 
 from __future__ import annotations
