@@ -417,7 +417,8 @@ def train(
     ``checkpoint_every`` epochs and the last one, and, with ``resume``, an existing one
     is continued from (the trajectory is the same as an uninterrupted run: the
     checkpoint holds the shuffling generator and the global torch and CUDA RNG
-    states, which dropout draws from). Before the first epoch ``out_dir`` is created,
+    states, which dropout draws from). The model and data are built first, so that a model
+    or data spec that fails writes nothing. Then, before the first epoch, ``out_dir`` is created,
     temporary files a killed write left there are removed, and a probe file is
     written, so that an unwritable directory fails at once.
 
@@ -453,14 +454,14 @@ def train(
     out = Path(config.out_dir) if config.out_dir else None
     ckpt = out / "checkpoint.pt" if out else None
     state = None
-    if out is not None:
-        prepare_out_dir(out)
-        if resume and ckpt.exists():
-            state = load_checkpoint(ckpt, required=_RESUME_KEYS)  # weights_only: no code runs on load
-            _check_resume(state["config"], config, ckpt)
+    if out is not None and resume and ckpt.exists():
+        state = load_checkpoint(ckpt, required=_RESUME_KEYS)  # weights_only: no code runs on load
+        _check_resume(state["config"], config, ckpt)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    run = _build_run(config, device)
+    run = _build_run(config, device)  # first: a model or data that fails to build leaves out_dir as it was
+    if out is not None:
+        prepare_out_dir(out)
     if state is not None:
         _restore(run, state)
     saved = run.epoch0 if state is not None else None  # epochs the checkpoint on disk holds

@@ -1,0 +1,118 @@
+"""TrainConfig's newer options: optimizer, device, model_kwargs and the data options; resuming with
+them; checkpoints written before them still load and export."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lobster_fx.cli import EXIT_ERROR, main
+from lobster_fx.data import batches, load_digits
+from lobster_fx.models import LeNet300
+from lobster_fx.train import RESUMABLE_CHANGES, TrainConfig, config_from_dict, train
+from lobster_fx.train_config import _check_resume
+
+BASE = {"model": "lenet300", "dataset": "digits", "epochs": 1, "batch_size": 64, "pwe": 5, "threads": 1,
+        "progress": False}
+
+
+def _adamw_reference(lr: float, weight_decay: float) -> torch.nn.Module:
+    """One epoch of LeNet-300 on digits with torch.optim.AdamW, written out without lobster_fx.train."""
+    torch.manual_seed(0)
+    splits = load_digits(seed=0)
+    model = LeNet300(in_features=64)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(0)
+    for x, y in batches(splits.train, 64, shuffle=True, generator=gen):
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model
+
+
+def test_adamw_is_the_optimizer_with_decoupled_weight_decay():
+    result = train(TrainConfig(**BASE, optimizer="adamw", lr=1e-3, weight_decay=0.05, lmbda=0.0))
+    trained = dict(result.gm.named_parameters())
+    reference = dict(_adamw_reference(1e-3, 0.05).named_parameters())
+    assert set(reference) <= set(trained)
+    for name, p in reference.items():
+        torch.testing.assert_close(trained[name].detach(), p.detach(), atol=1e-6, rtol=1e-5, msg=name)
+    without_decay = dict(_adamw_reference(1e-3, 0.0).named_parameters())
+    assert not torch.allclose(trained["fc1.weight"], without_decay["fc1.weight"], atol=1e-6)  # the decay counts
+
+
+def test_adamw_refuses_momentum():
+    with pytest.raises(ValueError, match="TrainConfig.momentum applies to optimizer 'sgd'"):
+        TrainConfig(optimizer="adamw", momentum=0.9)
+    with pytest.raises(ValueError, match="TrainConfig.optimizer: unknown optimizer 'adam'; valid: sgd, adamw"):
+        TrainConfig(optimizer="adam")
+
+
+@pytest.mark.parametrize(("device", "error"), [("gpu", "must be cpu, cuda or cuda:N"), ("cpu:0", "cpu, cuda"),
+                                               (0, "must be a str")])
+def test_device_syntax(device, error):
+    with pytest.raises((ValueError, TypeError), match=error):
+        TrainConfig(device=device)
+    assert TrainConfig(device="CUDA:1").device == "cuda:1"  # checked for presence only when training
+
+
+def test_options_that_need_their_kind_of_data():
+    with pytest.raises(ValueError, match="image_size applies to imagefolder:DIR data only"):
+        TrainConfig(dataset="digits", image_size=32)
+    with pytest.raises(ValueError, match="data_kwargs applies to package.module:function data only"):
+        TrainConfig(dataset="digits", data_kwargs={"n": 3})
+    with pytest.raises(TypeError, match="TrainConfig.model_kwargs must be a dict"):
+        TrainConfig(model_kwargs="num_classes=3")
+    with pytest.raises(TypeError, match="JSON data only"):
+        TrainConfig(model_kwargs={"f": object()})
+
+
+def test_which_new_options_a_resume_may_change():
+    assert "device" in RESUMABLE_CHANGES
+    assert not {"optimizer", "model_kwargs", "data_kwargs", "image_size", "val_fraction",
+                "test_fraction"} & RESUMABLE_CHANGES
+    saved = TrainConfig(**BASE).to_dict()
+    _check_resume({**saved, "device": "cuda"}, TrainConfig(**BASE), "ckpt")  # allowed
+    for name, value in [("optimizer", "adamw"), ("model_kwargs", {"num_classes": 10})]:
+        with pytest.raises(ValueError, match=f"{name} "):
+            _check_resume(saved, TrainConfig(**{**BASE, name: value}), "ckpt")
+    folder = TrainConfig(dataset="imagefolder:photos").to_dict()
+    here = TrainConfig(dataset="imagefolder:./photos/")
+    _check_resume(folder, here, "ckpt")  # the same folder, written another way
+
+
+def test_resume_with_another_optimizer_is_refused(tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(**BASE, out_dir=str(out)))
+    with pytest.raises(ValueError, match="optimizer 'sgd' -> 'adamw'"):
+        train(TrainConfig(**{**BASE, "epochs": 2}, optimizer="adamw", out_dir=str(out)))
+
+
+def test_a_config_written_before_the_new_fields_loads_with_their_defaults():
+    old = {k: v for k, v in TrainConfig(**BASE).to_dict().items()
+           if k not in ("model_kwargs", "data_kwargs", "image_size", "val_fraction", "test_fraction", "device",
+                        "optimizer")}
+    config = config_from_dict(old)
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for name in ("model_kwargs", "image_size", "device", "optimizer", "val_fraction"):
+        assert getattr(config, name) == defaults[name]
+
+
+def test_checkpoint_without_data_info_still_exports_and_reports(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(TrainConfig(**BASE, out_dir=str(out)))
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["data_info"]["input_shape"] == [1, 8, 8] and state["data_info"]["num_classes"] == 10
+    for key in ("data_info", "cuda_rng_states"):
+        state.pop(key)
+    state["config"] = {k: state["config"][k] for k in ("model", "dataset", "data_root", "epochs", "batch_size", "lr",
+                                                       "lmbda", "twt", "pwe", "seed", "progress", "threads")}
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    assert main(["export", str(old), str(tmp_path / "old.onnx")]) == 0  # reads the digits to learn the shape
+    assert main(["report", str(old), "--out", str(tmp_path / "rep")]) == 0
+    assert main(["export", str(old), str(tmp_path / "x.onnx"), "--model", "lenet5"]) == EXIT_ERROR
+    assert "--model and --model-kwargs go with --state-dict" in capsys.readouterr().err
