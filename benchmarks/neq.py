@@ -1,8 +1,10 @@
 """NEq benchmark (issue 16): does freezing neurons at equilibrium make training really cheaper?
 
-Runs, same seeds, same initial weights, same batches, interleaved epoch by epoch inside one
-process (``baseline`` epoch 1, ``neq`` epoch 1, ``random`` epoch 1, ``neq-lobster`` epoch 1,
-then epoch 2, ...) so machine noise hits all of them alike:
+Runs, same seeds, same initial weights, same batches, interleaved inside one process step by
+step (batch 1 of ``baseline``, ``neq``, ``random``, ``neq-lobster``, the order rotating at every
+batch; then batch 2, ...; NEq's measurement at each epoch's start), so load on the machine hits
+all of them alike (interleaving whole epochs was tried first: the same work measured 58-152 ms
+per step within one epoch on this shared machine):
 
   baseline     no NEq
   neq          lobster_fx.NEq (eps 1e-3, mu 0.5, the classifier excluded), the fast path on
@@ -134,32 +136,31 @@ class Run:
         if self.lobster is not None:
             self.lobster.load_state_dict(state["lobster"])
 
-    def epoch(self, epoch: int, epochs: int, train, test, macs, rate: dict[str, float] | None) -> dict:
+    def begin(self, epoch: int, epochs: int, rate: dict[str, float] | None) -> None:
+        """The epoch's learning rate, and NEq's measurement and decisions (timed)."""
         lr = LR * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
         for g in self.opt.param_groups:
             g["lr"] = lr
         t0 = time.perf_counter()
-        frozen = {}
+        self.frozen = {}
         if self.neq is not None:
             if rate is not None:
                 self.neq.random_rate = rate
-            frozen = self.neq.step()
-        measure_s = time.perf_counter() - t0
-        perm = torch.randperm(train.x.shape[0], generator=torch.Generator().manual_seed(1000 + epoch))
-        steps = []
-        t_train = time.perf_counter()
-        for i in range(0, len(perm) - BATCH + 1, BATCH):
-            idx = perm[i:i + BATCH]
-            t = time.perf_counter()
-            self.opt.zero_grad()
-            nn.functional.cross_entropy(self.gm(train.x[idx]), train.y[idx]).backward()
-            self.opt.step()
-            steps.append(time.perf_counter() - t)
-        train_s = time.perf_counter() - t_train
-        err = test_error(self.gm, test)
-        rec = {"epoch": epoch + 1, "lr": lr, "frozen": frozen, "measure_s": measure_s, "train_s": train_s,
-               "step_ms_median": 1e3 * statistics.median(steps), "steps": len(steps), "test_error": err,
-               "saved_macs": saved_macs(macs, frozen), "step_macs": step_macs(macs)}
+            self.frozen = self.neq.step()
+        self.measure_s, self.lr, self.steps = time.perf_counter() - t0, lr, []
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        t = time.perf_counter()
+        self.opt.zero_grad()
+        nn.functional.cross_entropy(self.gm(x), y).backward()
+        self.opt.step()
+        self.steps.append(time.perf_counter() - t)
+
+    def end(self, epoch: int, test, macs) -> dict:
+        rec = {"epoch": epoch + 1, "lr": self.lr, "frozen": self.frozen, "measure_s": self.measure_s,
+               "train_s": sum(self.steps), "step_ms_median": 1e3 * statistics.median(self.steps),
+               "steps": len(self.steps), "test_error": test_error(self.gm, test),
+               "saved_macs": saved_macs(macs, self.frozen), "step_macs": step_macs(macs)}
         self.records.append(rec)
         return rec
 
@@ -199,10 +200,17 @@ def run(setting: str, epochs: int, train_size: int, val_size: int, threads: int,
         start = state["epoch"]
         print(f"resumed at epoch {start}", flush=True)
     for epoch in range(start, epochs):
-        rate = None
         for name in RUNS:  # neq before random: random takes neq's fractions of this epoch
-            rec = runs[name].epoch(epoch, epochs, train, splits.test, macs,
-                                   runs["neq"].records[-1]["frozen"] if name == "random" else rate)
+            runs[name].begin(epoch, epochs, runs["neq"].frozen if name == "random" else None)
+        perm = torch.randperm(train.x.shape[0], generator=torch.Generator().manual_seed(1000 + epoch))
+        # interleaved step by step (the order rotating): load on the machine hits every run alike
+        for k, i in enumerate(range(0, len(perm) - BATCH + 1, BATCH)):
+            idx = perm[i:i + BATCH]
+            x, y = train.x[idx], train.y[idx]
+            for j in range(len(RUNS)):
+                runs[RUNS[(k + j) % len(RUNS)]].step(x, y)
+        for name in RUNS:
+            rec = runs[name].end(epoch, splits.test, macs)
             print(f"[{setting}] epoch {epoch + 1:3d} {name:12s} err {rec['test_error']:.2f}% "
                   f"step {rec['step_ms_median']:.2f} ms train {rec['train_s']:.1f}s measure {rec['measure_s']:.2f}s "
                   f"frozen {{{', '.join(f'{k}: {v:.2f}' for k, v in rec['frozen'].items())}}}", flush=True)

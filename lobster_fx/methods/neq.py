@@ -118,7 +118,10 @@ class NEq:
             the default group when ``torch.distributed`` is initialised).
 
     Attributes ``phi``, ``velocity`` (float64 per unit) and ``frozen`` (bool per unit) are
-    dicts keyed by the layer's name in the original model.
+    dicts keyed by the layer's name in the original model (``phi`` is empty until the second
+    measurement). The previous measurement's outputs are kept (``units x samples x positions``
+    per layer, in the model's dtype): keep ``val_inputs`` small (the paper: 500 CIFAR images).
+    Not tested under ``torch.compile``.
 
     Raises:
         TypeError: ``optimizer`` is no optimizer, ``gm`` is not instrumented, ``val_inputs``
