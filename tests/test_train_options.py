@@ -116,3 +116,19 @@ def test_checkpoint_without_data_info_still_exports_and_reports(tmp_path, capsys
     assert main(["report", str(old), "--out", str(tmp_path / "rep")]) == 0
     assert main(["export", str(old), str(tmp_path / "x.onnx"), "--model", "lenet5"]) == EXIT_ERROR
     assert "--model and --model-kwargs go with --state-dict" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_run_lives_on_the_gpu_matches_the_cpu_and_resumes_there(tmp_path):
+    devices = []
+    config = {**BASE, "lr": 0.05, "momentum": 0.9}
+    gpu = train(TrainConfig(**config, device="cuda", out_dir=str(tmp_path / "gpu")),
+                on_epoch=lambda entry, gm: devices.append({t.device.type for t in gm.state_dict().values()}))
+    assert devices == [{"cuda"}]  # weights and masks
+    assert gpu.splits.train.x.device.type == "cuda"
+    cpu = train(TrainConfig(**config))
+    for (name, p), q in zip(gpu.gm.named_parameters(), cpu.gm.parameters()):
+        torch.testing.assert_close(p.detach().cpu(), q.detach(), atol=1e-4, rtol=1e-3, msg=name)
+    resumed = train(TrainConfig(**{**config, "epochs": 2}, device="cpu", out_dir=str(tmp_path / "gpu")))
+    assert [e["epoch"] for e in resumed.log] == [1, 2]
+    assert all(p.device.type == "cpu" for p in resumed.gm.parameters())
