@@ -124,7 +124,7 @@ def test_resume_from_a_trainer_checkpoint_keeps_masks_and_continues(tmp_path):
         assert torch.all(m[saved["masks"][k] == 0] == 0), k
     assert cb.sparsifier.history == full_cb.sparsifier.history
     for (k, a), b in zip(model.state_dict().items(), full_model.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=k)
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
 
 
 def test_state_dict_is_folded_and_loads_back_with_masks_kept():
