@@ -204,3 +204,11 @@ def test_first_step_is_eq6_with_this_steps_gradient(tmp_path):
     for k, w in net.model.state_dict().items():
         if k in expected:
             torch.testing.assert_close(w, expected[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_gradient_accumulation_and_bf16_mixed_precision(tmp_path):
+    # 9 batches, an optimizer step every 3: the rule runs once per optimizer step, under autocast
+    net, cb = Net(), _callback()
+    _no_ckpt(tmp_path, [cb], epochs=1, accumulate_grad_batches=3, precision="bf16-mixed").fit(net, *_loaders())
+    assert cb.sparsifier.rule.steps == 3
+    assert net.model.get_parameter("0.weight").dtype == torch.float32

@@ -43,11 +43,11 @@ def _callback():
     return LobsterCallback(lmbda=1e-3, twt=0.05, pwe=1, threshold=0.6)
 
 
-def _trainer(out, model, callback, epochs=EPOCHS, save=True):
+def _trainer(out, model, callback, epochs=EPOCHS, save=True, **kw):
     args = tf.TrainingArguments(
         str(out), num_train_epochs=epochs, per_device_train_batch_size=16, per_device_eval_batch_size=32,
         learning_rate=3e-3, eval_strategy="epoch", save_strategy="epoch" if save else "no", logging_strategy="no",
-        report_to=[], use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+        report_to=[], use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0, **kw,
     )
     return tf.Trainer(model=model, args=args, train_dataset=_data(96, 1), eval_dataset=_data(64, 2),
                       callbacks=[callback])
@@ -159,3 +159,12 @@ def test_refusals_name_the_problem(tmp_path):
     with pytest.raises(RuntimeError, match="FSDP"):
         cb.on_init_end(args, None, None, model=model)
     assert not hasattr(model, "_lobster_gm") and cb.sparsifier.gm is None
+
+
+def test_gradient_accumulation_and_bf16(tmp_path):
+    # 6 batches per epoch, an optimizer step every 2, bf16 autocast on CPU: one rule step per optimizer step
+    model, cb = _model(), _callback()
+    trainer = _trainer(tmp_path, model, cb, epochs=1, save=False, gradient_accumulation_steps=2, bf16=True)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    trainer.train()
+    assert cb.sparsifier.rule.steps == trainer.state.global_step == 3
