@@ -76,7 +76,8 @@ def _rebuild_checkpoint_model(path: str, input_shape: tuple[int, ...] | None = N
                               ) -> tuple[nn.Module, Any, dict[str, Any], tuple[int, ...]]:
     """The instrumented model of a training checkpoint, rebuilt without loading its data.
 
-    Returns ``(gm, config, state, input_shape)``. The input shape and class count come from the
+    Returns ``(gm, config, state, input_shape)`` (``state["data_info"]["input_dtype"]``, where
+    recorded, is the inputs' dtype). The input shape and class count come from the
     checkpoint's ``data_info`` (recorded since the user-model command line); ``input_shape``
     overrides the recorded shape. A checkpoint without ``data_info`` falls back to loading the
     data as :func:`_load_checkpoint_model` does (unless ``input_shape`` is given for a model that
@@ -262,15 +263,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
         if args.model is None or args.input_shape is None:
             raise ValueError("--state-dict needs --model SPEC (and --model-kwargs as trained) and --input-shape C,H,W")
         gm, shape = _state_dict_model(args.model, args.model_kwargs, args.state_dict), args.input_shape
+        dtype = args.input_dtype
     else:
         if args.checkpoint is None:
             raise ValueError("give a training checkpoint and the output file, or --model SPEC --state-dict FILE "
                              "--input-shape C,H,W and the output file")
         if args.model is not None or args.model_kwargs is not None:
             raise ValueError("--model and --model-kwargs go with --state-dict; a checkpoint records its model")
-        gm, _, _, shape = _rebuild_checkpoint_model(args.checkpoint, args.input_shape)
-    # a fixed random example (standardised data is about N(0, 1)): export and its parity check need no data
-    example = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
+        gm, _, state, shape = _rebuild_checkpoint_model(args.checkpoint, args.input_shape)
+        dtype = (state.get("data_info") or {}).get("input_dtype", "float32")
+    # a fixed random example (standardised data is about N(0, 1)), or token ids 0 and 1: no data needed
+    gen = torch.Generator().manual_seed(0)
+    example = torch.randint(0, 2, (1, *shape), generator=gen) if dtype == "int64" else \
+        torch.randn(1, *shape, generator=gen)
     report = export_onnx(gm, example, args.output, sparse=not args.dense, slim=not args.no_slim,
                          index_dtype="compact" if args.compact else "int64")
     print(report)
@@ -356,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", type=_parse_shape, default=None, metavar="C,H,W",
                    help="one input's shape, without the batch dimension (checkpoints that train writes now record "
                         "it; needed with --state-dict)")
+    p.add_argument("--input-dtype", default="float32", choices=["float32", "int64"],
+                   help="with --state-dict: the inputs' dtype (int64: token ids)")
     p.add_argument("--model", default=None, metavar="SPEC",
                    help="with --state-dict: lenet300, lenet5, resnet32, torchvision:NAME, timm:NAME or "
                         "package.module:factory (imported with the current directory on sys.path)")

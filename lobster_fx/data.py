@@ -66,7 +66,7 @@ _FILES = {
 
 @dataclass
 class TensorData:
-    """Inputs ``x`` (float32, ``N x C x H x W``) and labels ``y`` (int64, ``N``)."""
+    """Inputs ``x`` (float32, ``N x C x H x W``; any ``N x ...`` from a data function) and labels ``y`` (int64, ``N``)."""
 
     x: Tensor
     y: Tensor
@@ -365,7 +365,10 @@ def _as_tensor_data(part: Any, name: str, spec: str) -> TensorData:
         raise ValueError(f"data function {spec!r}: {name} has {x.shape[0]} inputs but {y.shape[0]} labels")
     if int(y.min()) < 0:
         raise ValueError(f"data function {spec!r}: {name} labels must be >= 0, got {int(y.min())}")
-    return TensorData(x.detach().to(torch.float32).contiguous(), y.detach().to(torch.int64))
+    if x.dtype == torch.bool or x.is_complex():
+        raise ValueError(f"data function {spec!r}: {name} inputs must be real numbers or integer ids, got {x.dtype}")
+    x_dtype = torch.int64 if not x.dtype.is_floating_point else torch.float32  # integer inputs: token ids
+    return TensorData(x.detach().to(x_dtype).contiguous(), y.detach().to(torch.int64))
 
 
 def splits_from_user(result: Any, spec: str) -> Splits:
@@ -373,8 +376,9 @@ def splits_from_user(result: Any, spec: str) -> Splits:
 
     ``result`` is ``(train, val, test)`` or ``{"train": ..., "val": ..., "test": ...}``; each
     split an ``(x, y)`` pair of tensors, a :class:`TensorData`, or a map-style Dataset of
-    ``(x, y)`` items (read into memory). Inputs become float32 and are not normalised
-    (``mean=0, std=1``); labels become int64.
+    ``(x, y)`` items (read into memory). Floating-point inputs become float32, integer inputs
+    (token ids for an embedding) int64; they are not normalised (``mean=0, std=1``). Labels
+    become int64.
 
     Raises:
         ValueError: the result breaks this contract (the message names ``spec`` and the split).

@@ -139,6 +139,9 @@ def import_object(spec: str, what: str) -> Any:
         with _cwd_on_path():
             module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
+        if exc.name and exc.name != module_name and not module_name.startswith(f"{exc.name}."):
+            raise ValueError(f"{what} {spec!r}: importing {module_name!r} failed: it imports {exc.name!r}, "
+                             "which is not installed") from exc
         raise ValueError(f"{what} {spec!r}: module {exc.name!r} not found (searched the current directory "
                          f"{os.getcwd()} and sys.path)") from exc
     except Exception as exc:
@@ -216,7 +219,7 @@ def call_data_function(spec: str, kwargs: dict[str, Any] | None = None) -> Any:
 
     The contract: the function returns the three splits, ``(train, val, test)`` or a dict with
     the keys ``"train"``, ``"val"`` and ``"test"``. Each split is a pair of tensors ``(x, y)``
-    (``x``: ``N x ...`` inputs, ``y``: ``N`` integer class labels) or a map-style
+    (``x``: ``N x ...`` inputs, float or integer ids; ``y``: ``N`` integer class labels) or a map-style
     ``torch.utils.data.Dataset`` whose items are ``(x, y)``; datasets are read into memory once.
     Inputs are used as given (no normalisation). :func:`lobster_fx.data.splits_from_user` checks
     and converts the result.

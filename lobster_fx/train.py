@@ -106,8 +106,9 @@ def load_splits(config: TrainConfig) -> Splits:
 def data_info(splits: Splits) -> dict[str, Any]:
     """What a checkpoint records of its data, so that the model can be rebuilt without it.
 
-    ``input_shape`` (one sample's), ``num_classes``, ``classes`` (names or None), ``mean`` and
-    ``std`` (the normalisation applied to the inputs).
+    ``input_shape`` (one sample's), ``input_dtype`` ("float32", or "int64" for token ids),
+    ``num_classes``, ``classes`` (names or None), ``mean`` and ``std`` (the normalisation
+    applied to the inputs).
 
     Example::
 
@@ -119,7 +120,8 @@ def data_info(splits: Splits) -> dict[str, Any]:
     labels = max(int(part.y.max()) for part in (splits.train, splits.val, splits.test)) + 1
     if splits.classes is not None:
         labels = max(labels, len(splits.classes))
-    return {"input_shape": [int(d) for d in splits.train.x.shape[1:]], "num_classes": labels,
+    return {"input_shape": [int(d) for d in splits.train.x.shape[1:]],
+            "input_dtype": str(splits.train.x.dtype).removeprefix("torch."), "num_classes": labels,
             "classes": None if splits.classes is None else list(splits.classes),
             "mean": float(splits.mean), "std": float(splits.std)}
 
@@ -148,10 +150,7 @@ def model_from_config(config: TrainConfig, input_shape: tuple[int, ...], num_cla
 
 
 def build_model(config: TrainConfig, splits: Splits) -> nn.Module:
-    """:func:`model_from_config` for the input shape and classes of ``splits``."""
-    if parse_model_spec(config.model)[0] == "builtin" and config.model_kwargs is None:
-        # as before data_info existed: the class count of the training labels
-        return model_from_config(config, tuple(splits.train.x.shape[1:]), int(splits.train.y.max()) + 1)
+    """:func:`model_from_config` for the input shape and classes (:func:`data_info`) of ``splits``."""
     info = data_info(splits)
     return model_from_config(config, tuple(info["input_shape"]), info["num_classes"])
 

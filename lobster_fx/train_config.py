@@ -268,16 +268,28 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
+#: fields that only an image folder uses
+_IMAGE_OPTIONS = ("image_size", "val_fraction", "test_fraction")
+#: fields added with the user-model command line, and the value every older checkpoint ran with
+_ADDED_FIELDS = {"model_kwargs": None, "data_kwargs": None, "image_size": None, "val_fraction": 0.1,
+                 "test_fraction": 0.1, "optimizer": "sgd"}
+
+
 def _same_option(name: str, old: Any, new: Any, dataset: str) -> bool:
-    if name == "dataset" and isinstance(old, str) and isinstance(new, str) \
-            and old.lower().startswith("imagefolder:") and new.lower().startswith("imagefolder:"):
-        return Path(old[12:]).expanduser().resolve() == Path(new[12:]).expanduser().resolve()
+    kind = parse_data_spec(dataset)[0]
+    if name in _IMAGE_OPTIONS and kind != "imagefolder":
+        return True  # not used by this data
+    if name == "dataset" and kind == "imagefolder" and isinstance(old, str) \
+            and old.lower().startswith("imagefolder:"):
+        return Path(old[12:]).expanduser().resolve() == Path(dataset[12:]).expanduser().resolve()
     if name == "data_root":
-        if dataset == "digits":  # bundled with scikit-learn: the folder is not used
+        if dataset == "digits" or kind != "builtin":  # bundled with scikit-learn, or not a built-in set
             return True
         if old is None or new is None:
             return old is new
         return Path(old).expanduser().resolve() == Path(new).expanduser().resolve()
+    if name in ("model", "dataset") and isinstance(old, str) and ":" in old:
+        return old == new  # module and attribute names are case-sensitive
     if isinstance(old, str) and isinstance(new, str):
         return old.lower() == new.lower()
     return old == new
@@ -285,6 +297,7 @@ def _same_option(name: str, old: Any, new: Any, dataset: str) -> bool:
 
 def _check_resume(saved: dict[str, Any], config: TrainConfig, ckpt: Path) -> None:
     """Refuse to resume ``ckpt`` with run-defining options other than those it was trained with."""
+    saved = {**_ADDED_FIELDS, **saved}  # an older checkpoint ran with these values
     changed = [
         f"{name} {saved[name]!r} -> {value!r}"
         for name, value in config.to_dict().items()

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+from lobster_fx.cli import main
 from lobster_fx.data import splits_from_user
 from lobster_fx.specs import build_model_from_spec, parse_data_spec, parse_model_spec
 from lobster_fx.train import TrainConfig, load_splits, train
@@ -47,15 +48,35 @@ def fails():
     raise FileNotFoundError("no such folder: /data/x")
 
 
+def token_ids(n=40):
+    g = torch.Generator().manual_seed(0)
+    def part(m):
+        x = torch.randint(0, 20, (m, 6), generator=g)
+        return x, (x[:, 0] >= 10).long()
+    return part(n), part(10), part(10)
+
+
+class BagOfWords(torch.nn.Module):
+    def __init__(self, vocab=20, dim=8, num_classes=2):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.fc = torch.nn.Linear(dim, num_classes)
+
+    def forward(self, ids):
+        return self.fc(self.embed(ids).mean(1))
+
+
 def mlp(in_features=5, num_classes=2):
     return torch.nn.Sequential(torch.nn.Linear(in_features, 16), torch.nn.ReLU(), torch.nn.Linear(16, num_classes))
 '''
+NEEDS_MISSING = "import lfx_surely_not_installed\n"
 
 
 @pytest.fixture
 def userpkg(tmp_path, monkeypatch):
     (tmp_path / PKG).mkdir()
     (tmp_path / PKG / "__init__.py").write_text(SOURCE)
+    (tmp_path / PKG / "needs_missing.py").write_text(NEEDS_MISSING)
     monkeypatch.chdir(tmp_path)  # imported from the current directory, as python -m does
     yield PKG
     for name in [n for n in sys.modules if n == PKG or n.startswith(f"{PKG}.")]:
@@ -151,3 +172,22 @@ def test_user_splits_with_a_missing_key_or_mismatched_shapes():
         splits_from_user((part, (torch.zeros(3, 2), torch.tensor([0, 1])), part), "m:f")
     dataset = TensorDataset(torch.zeros(3, 2), torch.tensor([0, 1, 1]))
     assert len(splits_from_user((dataset, part, part), "m:f").train) == 3
+
+
+def test_a_factory_module_with_a_missing_dependency_says_so(userpkg):
+    with pytest.raises(ValueError, match=r"importing '.*needs_missing' failed: it imports "
+                                         r"'lfx_surely_not_installed', which is not installed"):
+        build_model_from_spec(f"{userpkg}.needs_missing:make")
+
+
+def test_token_id_inputs_stay_integers_through_training_and_export(userpkg, tmp_path):
+    import onnx
+
+    out = tmp_path / "run"
+    assert main(["train", "--model", f"{userpkg}:BagOfWords", "--data", f"{userpkg}:token_ids", "--epochs", "2",
+                 "--batch-size", "8", "--lr", "0.1", "--threads", "1", "--out", str(out), "--no-progress"]) == 0
+    info = torch.load(out / "checkpoint.pt", weights_only=True)["data_info"]
+    assert (info["input_shape"], info["input_dtype"]) == ([6], "int64")
+    assert main(["export", str(out / "checkpoint.pt"), str(tmp_path / "bow.onnx")]) == 0
+    graph_input = onnx.load(str(tmp_path / "bow.onnx")).graph.input[0]
+    assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.INT64

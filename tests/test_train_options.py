@@ -84,6 +84,16 @@ def test_which_new_options_a_resume_may_change():
     _check_resume(folder, here, "ckpt")  # the same folder, written another way
 
 
+def test_older_checkpoints_count_as_sgd_and_image_options_only_matter_for_image_folders():
+    old = {k: v for k, v in TrainConfig(**BASE).to_dict().items() if k not in ("optimizer", "model_kwargs")}
+    with pytest.raises(ValueError, match="optimizer 'sgd' -> 'adamw'"):
+        _check_resume(old, TrainConfig(**BASE, optimizer="adamw"), "ckpt")
+    _check_resume(old, TrainConfig(**BASE, val_fraction=0.3), "ckpt")  # digits: val_fraction is not used
+    folder = TrainConfig(dataset="imagefolder:photos").to_dict()
+    with pytest.raises(ValueError, match="val_fraction 0.1 -> 0.3"):
+        _check_resume(folder, TrainConfig(dataset="imagefolder:photos", val_fraction=0.3), "ckpt")
+
+
 def test_resume_with_another_optimizer_is_refused(tmp_path):
     out = tmp_path / "run"
     train(TrainConfig(**BASE, out_dir=str(out)))
