@@ -84,8 +84,8 @@ def _rebuild_checkpoint_model(path: str, input_shape: tuple[int, ...] | None = N
     does not need the data to be built).
 
     Raises:
-        OSError, ValueError: as :func:`_load_checkpoint_model`, and when neither the checkpoint
-            nor ``input_shape`` says what the model's input is.
+        OSError, ValueError: as :func:`_load_checkpoint_model` (the file, its config, or weights
+            that do not fit the rebuilt model; each message names ``path``).
     """
     from lobster_fx.graph.instrument import instrument
     from lobster_fx.specs import parse_model_spec

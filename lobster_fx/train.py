@@ -342,11 +342,17 @@ def _set_cycle_lr(run: _Run, config: TrainConfig) -> None:
 
 
 def _train_epoch(run: _Run, config: TrainConfig, stop: _StopRequest | None) -> tuple[float, int] | None:
-    """One pass over the training split: (summed loss, samples), or None when ``stop`` was set."""
+    """One pass over the training split: (summed loss, samples), or None when ``stop`` was set.
+
+    A final batch of one sample is skipped when the model has batch norm, which cannot train on it.
+    """
     train_loss, n = 0.0, 0
+    skip_single = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in run.gm.modules())
     for x, y in batches(run.splits.train, config.batch_size, shuffle=True, generator=run.gen):
         if stop is not None and stop.signum is not None:
             return None
+        if skip_single and len(y) == 1:
+            continue
         run.opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(run.gm(x), y)
         loss.backward()

@@ -66,6 +66,11 @@ class BagOfWords(torch.nn.Module):
         return self.fc(self.embed(ids).mean(1))
 
 
+def bn_mlp(in_features=5, num_classes=2):
+    return torch.nn.Sequential(torch.nn.Linear(in_features, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                               torch.nn.Linear(16, num_classes))
+
+
 def mlp(in_features=5, num_classes=2):
     return torch.nn.Sequential(torch.nn.Linear(in_features, 16), torch.nn.ReLU(), torch.nn.Linear(16, num_classes))
 '''
@@ -191,3 +196,11 @@ def test_token_id_inputs_stay_integers_through_training_and_export(userpkg, tmp_
     assert main(["export", str(out / "checkpoint.pt"), str(tmp_path / "bow.onnx")]) == 0
     graph_input = onnx.load(str(tmp_path / "bow.onnx")).graph.input[0]
     assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.INT64
+
+
+def test_batch_norm_model_skips_a_last_batch_of_one(userpkg):
+    # 17 training samples in batches of 8: the last batch holds 1, on which batch norm cannot train
+    config = TrainConfig(model=f"{userpkg}:bn_mlp", dataset=f"{userpkg}:tensors", data_kwargs={"n": 17},
+                         epochs=1, batch_size=8, lr=0.1, progress=False, threads=1)
+    result = train(config)
+    assert len(result.log) == 1 and result.log[0]["train_loss"] > 0
