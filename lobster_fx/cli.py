@@ -1,4 +1,4 @@
-"""``lobster-fx`` command line: demo (the main job), train, export, bench, report.
+"""``lobster-fx`` command line: demo (the main job), train, export, bench, report, analyze.
 
 Run ``lobster-fx demo`` on a fresh install: it needs no network and no download.
 
@@ -388,6 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--out", default=".")
     p.set_defaults(func=_cmd_report)
+
+    from lobster_fx.analysis.command import register as register_analyze
+
+    register_analyze(sub)  # analyze: PSP-entropy table, JSON and PNGs of a checkpoint
     for p in sub.choices.values():  # --debug after the command too (SUPPRESS: absent, the global value holds)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser
