@@ -143,7 +143,11 @@ class PSPReport:
             layers[name] = d
         return {"samples": self.samples, "num_classes": self.num_classes,
                 "class_counts": self.class_counts.tolist(), "clamp": [P_MIN, P_MAX], "layers": layers,
-                "skipped": dict(self.skipped)}
+                "skipped": dict(self.skipped),
+                "notes": {"channel_mean_entropy": "conv layers: mean H_j over each channel's positions "
+                                                  "(ours, not in the paper)",
+                          "class_determined": "share of units fixed within every class and not constant",
+                          "counts": "per unit (flattened), samples of each class with z > 0"}}
 
     def plot_histograms(self, path: Any, *, bins: int = 50) -> None:
         """PNG: one histogram of ``H_j`` per layer (matplotlib, imported here)."""
