@@ -106,7 +106,7 @@ def step_macs(macs: dict[str, int]) -> int:
 
 
 class Run:
-    def __init__(self, name: str, model: nn.Module, val_x: torch.Tensor, exclude: list[str]) -> None:
+    def __init__(self, name: str, model: nn.Module, val_x: torch.Tensor, exclude: list[str], eps: float) -> None:
         import lobster_fx
         from lobster_fx.methods.lobster import Lobster
         from lobster_fx.methods.neq import NEq
@@ -117,7 +117,7 @@ class Run:
         self.lobster = Lobster(self.gm, self.opt, lmbda=LMBDA) if name == "neq-lobster" else None
         self.neq = None
         if name in ("neq", "neq-lobster"):
-            self.neq = NEq(self.gm, self.opt, val_x, eps=EPS, mu=MU, exclude=exclude, batch_size=250)
+            self.neq = NEq(self.gm, self.opt, val_x, eps=eps, mu=MU, exclude=exclude, batch_size=250)
         elif name == "random":
             self.neq = NEq(self.gm, self.opt, None, random_rate=0.0, exclude=exclude, seed=1)
         self.records: list[dict] = []
@@ -175,7 +175,7 @@ def test_error(gm: nn.Module, test) -> float:
     return 100.0 * wrong / test.x.shape[0]
 
 
-def run(setting: str, epochs: int, train_size: int, val_size: int, threads: int, seed: int) -> None:
+def run(setting: str, epochs: int, train_size: int, val_size: int, threads: int, seed: int, eps: float) -> None:
     from lobster_fx.data import TensorData, load_dataset
 
     torch.set_num_threads(threads)
@@ -187,9 +187,9 @@ def run(setting: str, epochs: int, train_size: int, val_size: int, threads: int,
     val_x = splits.val.x[torch.randperm(splits.val.x.shape[0], generator=g)[:val_size].sort().values]
     torch.manual_seed(seed)
     model = _model(model_name)
-    runs = {name: Run(name, model, val_x, exclude) for name in RUNS}
+    runs = {name: Run(name, model, val_x, exclude, eps) for name in RUNS}
     macs = layer_macs(runs["neq"].gm, runs["neq"].neq.taps, val_x)
-    ckpt = CKPT / f"{setting}.pt"
+    ckpt = CKPT / f"{setting if eps == EPS else f'{setting}-eps{eps:g}'}.pt"
     start = 0
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
@@ -217,19 +217,76 @@ def run(setting: str, epochs: int, train_size: int, val_size: int, threads: int,
         CKPT.mkdir(parents=True, exist_ok=True)
         tmp = ckpt.with_suffix(".tmp")
         torch.save({"config": [epochs, train_size, val_size, seed], "epoch": epoch + 1, "macs": macs,
+                    "setting": setting, "eps": eps,
                     "runs": {n: r.state() for n, r in runs.items()}}, tmp)
         tmp.replace(ckpt)
+
+
+# --------------------------------------------------------------------------- fast-path probe
+
+PROBE = {  # name: per-layer frozen fractions (random units), LeNet-5
+    "fc1 half": {"fc1": 0.5},
+    "conv2 half": {"conv2": 0.5},
+    "every layer half": {"conv1": 0.5, "conv2": 0.5, "fc1": 0.5, "fc2": 0.5},
+    "conv1 whole": {"conv1": 1.0},
+    "conv1 whole, conv2 + fc1 half": {"conv1": 1.0, "conv2": 0.5, "fc1": 0.5},
+    "conv1 + conv2 whole": {"conv1": 1.0, "conv2": 1.0},
+}
+
+
+def probe(reps: int, threads: int) -> dict:
+    """Step time of LeNet-5 (batch 100) with given frozen fractions, the fast path on vs off
+    (off: the optimizer hook alone, full backward), over no freezing; interleaved step by step."""
+    import lobster_fx
+    from lobster_fx.methods.neq import NEq
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = _model("lenet5")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(BATCH, 1, 28, 28, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
+    runs = {}
+    for name, rates in [("no freezing", None), *PROBE.items()]:
+        for fast in ((True,) if rates is None else (True, False)):
+            gm = lobster_fx.instrument(copy.deepcopy(model)).train()
+            opt = torch.optim.SGD(gm.parameters(), lr=0.01, momentum=0.9)
+            neq = NEq(gm, opt, None, random_rate=rates or 0.0, fast=fast)
+            neq.step()
+            macs = layer_macs(gm, neq.taps, x)
+            runs[(name, fast)] = (gm, opt, 1 - saved_macs(macs, rates or {}) / step_macs(macs))
+    times: dict = {k: [] for k in runs}
+    for rep in range(reps):
+        keys = list(runs)
+        for k in keys[rep % len(keys):] + keys[:rep % len(keys)]:
+            gm, opt, _ = runs[k]
+            t = time.perf_counter()
+            opt.zero_grad()
+            nn.functional.cross_entropy(gm(x), y).backward()
+            opt.step()
+            times[k].append(time.perf_counter() - t)
+    base = statistics.median(times[("no freezing", True)])
+    out = {"batch": BATCH, "reps": reps, "base_step_ms": 1e3 * base, "rows": []}
+    for (name, fast), ts in times.items():
+        if name == "no freezing":
+            continue
+        out["rows"].append({"frozen": name, "fast": fast, "step_ratio": statistics.median(ts) / base,
+                            "mac_ratio": runs[(name, fast)][2]})
+        print(f"{name:32s} fast={fast!s:5s} step x{statistics.median(ts) / base:.3f} "
+              f"(MACs x{runs[(name, fast)][2]:.3f})", flush=True)
+    CKPT.mkdir(parents=True, exist_ok=True)
+    (CKPT / "probe.json").write_text(json.dumps(out, indent=1))
+    return out
 
 
 # --------------------------------------------------------------------------- summary
 
 
-def summarize(setting: str) -> dict:
-    state = torch.load(CKPT / f"{setting}.pt", weights_only=False)
+def summarize(key: str) -> dict:
+    state = torch.load(CKPT / f"{key}.pt", weights_only=False)
     recs = {n: state["runs"][n]["records"] for n in RUNS}
     macs = state["macs"]
     base = recs["baseline"]
-    out: dict = {"setting": setting, "epochs": state["epoch"], "config": state["config"], "layer_macs": macs,
+    out: dict = {"setting": state.get("setting", key), "eps": state.get("eps", EPS), "epochs": state["epoch"], "config": state["config"], "layer_macs": macs,
                  "step_macs": step_macs(macs), "runs": {}}
     base_time = sum(r["train_s"] + r["measure_s"] for r in base)
     base_step = sum(r["step_ms_median"] for r in base)
@@ -275,7 +332,7 @@ def plot(summary: dict, path: Path) -> None:
         rs = summary["runs"][name]["per_epoch"]
         for layer in rs[-1]["frozen"]:
             ax.plot([r["epoch"] for r in rs], [r["frozen"].get(layer, 0.0) for r in rs], marker="o", ms=3, label=layer)
-        ax.set_title(f"{summary['setting']}: {name}")
+        ax.set_title(f"{summary['setting']}, eps {summary['eps']:g}: {name}")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("frozen fraction of units")
@@ -295,9 +352,11 @@ def write_md(summaries: dict, path: Path) -> None:
     notes = path.read_text().split(marker, 1)[1] if path.exists() and marker in path.read_text() else "\n"
     lines = ["## NEq: neurons at equilibrium, measured (`benchmarks/neq.py`, issue 16)", ""]
     for k, sm in summaries.items():
+        if "runs" not in sm:
+            continue
         epochs, train_size, val_size, seed = sm["config"]
-        lines += [f"### {k}: {sm['epochs']} epochs on {train_size} training images, NEq on {val_size} "
-                  f"validation images, seed {seed}, 1 CPU thread", "",
+        lines += [f"### {sm['setting']}, eps {sm['eps']:g} (mu {MU}): {sm['epochs']} epochs on {train_size} training "
+                  f"images, NEq on {val_size} validation images, seed {seed}, 1 CPU thread", "",
                   f"Step MACs per sample (forward + full backward): {sm['step_macs']:,}; forward per layer: "
                   + ", ".join(f"{n} {m:,}" for n, m in sm["layer_macs"].items()), "",
                   "| run | final test error | best | training time (s) | saving vs baseline | ceiling (MACs) "
@@ -331,6 +390,21 @@ def write_md(summaries: dict, path: Path) -> None:
                   f"* NEq more accurate than random freezing at the same rate: {t['neq_beats_random']['neq']:.2f}% vs "
                   f"{t['neq_beats_random']['random']:.2f}%: **{'met' if t['neq_beats_random']['met'] else 'not met'}**",
                   "", f"![frozen fractions](neq-{k}.png)", ""]
+    pr = summaries.get("fast_path_probe")
+    if pr:
+        lines += ["### The fast path alone (`benchmarks/neq.py probe`)", "",
+                  f"LeNet-5, batch {pr['batch']}, 1 thread, median of {pr['reps']} steps per row, all rows interleaved "
+                  f"step by step; step time over the same model with nothing frozen ({pr['base_step_ms']:.1f} ms). "
+                  "fast: requires_grad off for whole layers and the row-wise dW backward; off: the optimizer hook "
+                  "alone (full backward). MACs: the step's MACs left, counted as above.", "",
+                  "| frozen units | MACs left | step time, fast path | step time, hook only |", "|---|---|---|---|"]
+        rows: dict = {}
+        for r in pr["rows"]:
+            rows.setdefault(r["frozen"], {})[r["fast"]] = r
+        for name, r in rows.items():
+            lines.append(f"| {name} | x{r[True]['mac_ratio']:.3f} | x{r[True]['step_ratio']:.3f} "
+                         f"| x{r[False]['step_ratio']:.3f} |")
+        lines.append("")
     path.write_text("\n".join(lines) + "\n" + marker + notes)
 
 
@@ -344,20 +418,29 @@ def main() -> None:
     r.add_argument("--val-size", type=int, default=500, help="NEq's validation subset")
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--eps", type=float, default=EPS, help="NEq's threshold (the paper: 1e-3; 2e-2 for segmentation)")
+    pr = sub.add_parser("probe")
+    pr.add_argument("--reps", type=int, default=60)
+    pr.add_argument("--threads", type=int, default=1)
     s = sub.add_parser("summarize")
     s.add_argument("--setting", action="append")
     args = ap.parse_args()
     if args.cmd == "run":
-        run(args.setting, args.epochs, args.train_size, args.val_size, args.threads, args.seed)
+        run(args.setting, args.epochs, args.train_size, args.val_size, args.threads, args.seed, args.eps)
         return
-    settings = args.setting or [k for k in SETTINGS if (CKPT / f"{k}.pt").exists()]
+    if args.cmd == "probe":
+        probe(args.reps, args.threads)
+        return
+    settings = args.setting or sorted(p.stem for p in CKPT.glob("*.pt"))
     summaries = {}
     for k in settings:
         summaries[k] = summarize(k)
         plot(summaries[k], RESULTS / f"neq-{k}.png")
+    if (CKPT / "probe.json").exists():
+        summaries["fast_path_probe"] = json.loads((CKPT / "probe.json").read_text())
     (RESULTS / "neq.json").write_text(json.dumps(summaries, indent=1) + "\n")
     write_md(summaries, RESULTS / "neq.md")
-    print(json.dumps({k: v["targets"] for k, v in summaries.items()}, indent=1))
+    print(json.dumps({k: v["targets"] for k, v in summaries.items() if "targets" in v}, indent=1))
 
 
 if __name__ == "__main__":
