@@ -168,3 +168,16 @@ def test_gradient_accumulation_and_bf16(tmp_path):
     assert trainer.accelerator.mixed_precision == "bf16"
     trainer.train()
     assert cb.sparsifier.rule.steps == trainer.state.global_step == 3
+
+
+def test_load_best_model_at_end_brings_that_checkpoints_masks(tmp_path):
+    model, cb = _model(), _callback()
+    trainer = _trainer(tmp_path, model, cb, load_best_model_at_end=True, metric_for_best_model="eval_loss")
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and cb.sparsifier.history
+    saved = torch.load(f"{best}/{STATE_FILE}", weights_only=True)["masks"]
+    last = torch.load(f"{tmp_path}/checkpoint-{trainer.state.global_step}/{STATE_FILE}", weights_only=True)["masks"]
+    assert any(not torch.equal(saved[k], last[k]) for k in saved), "best and last should differ here"
+    for k, m in cb.sparsifier.masks.items():
+        assert torch.equal(m, saved[k]), k

@@ -218,7 +218,7 @@ class LobsterCallback(TrainerCallback):
         if getattr(args, "deepspeed", None):
             raise RuntimeError("LobsterCallback does not support DeepSpeed (TrainingArguments.deepspeed): masks and "
                                "the per-step rule need whole, unsharded parameters")
-        if getattr(args, "fsdp", None) or getattr(args, "fsdp_config", None) and args.fsdp_config.get("fsdp_version"):
+        if getattr(args, "fsdp", None):  # None or [] when unused
             raise RuntimeError("LobsterCallback does not support FSDP (TrainingArguments.fsdp): masks and the "
                                "per-step rule need whole, unsharded parameters")
         if self.sparsifier.options["method"] == "serene" and getattr(args, "world_size", 1) > 1:
