@@ -30,6 +30,7 @@ _EXPORTS = {
     "Lobster": "lobster_fx.methods.lobster",
     "L2": "lobster_fx.methods.l2",
     "SeReNe": "lobster_fx.methods.serene",
+    "NEq": "lobster_fx.methods.neq",
     # pruning: what, when
     "prune": "lobster_fx.pruning.prune",
     "PruneResult": "lobster_fx.pruning.prune",
@@ -37,8 +38,12 @@ _EXPORTS = {
     "PlateauTrigger": "lobster_fx.pruning.triggers",
     "EveryNIterations": "lobster_fx.pruning.triggers",
     "PlateauPruner": "lobster_fx.pruning.schedule",
+    "Sparsifier": "lobster_fx.sparsifier",
     "sparsity_report": "lobster_fx.report",
     "SparsityReport": "lobster_fx.report",
+    # analysis: what pruning did to each unit
+    "psp_entropy": "lobster_fx.analysis.psp",
+    "PSPReport": "lobster_fx.analysis.psp",
     # passes: fold, slim, csr
     "fold": "lobster_fx.passes.fold",
     "slim": "lobster_fx.passes.slim",
@@ -72,12 +77,14 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
+    from lobster_fx.analysis.psp import PSPReport, psp_entropy
     from lobster_fx.bench import BenchReport, benchmark
     from lobster_fx.graph.instrument import default_filter, instrument, masks
     from lobster_fx.graph.taps import install_taps
     from lobster_fx.methods.base import StepRule
     from lobster_fx.methods.l2 import L2
     from lobster_fx.methods.lobster import Lobster
+    from lobster_fx.methods.neq import NEq
     from lobster_fx.methods.serene import SeReNe
     from lobster_fx.onnx.export import ExportReport, export_onnx
     from lobster_fx.onnx.large import onnx_file_bytes
@@ -89,3 +96,4 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from lobster_fx.pruning.schedule import PlateauPruner
     from lobster_fx.pruning.triggers import EveryNIterations, PlateauTrigger
     from lobster_fx.report import SparsityReport, sparsity_report
+    from lobster_fx.sparsifier import Sparsifier

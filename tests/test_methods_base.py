@@ -291,3 +291,38 @@ def test_per_unit_rule_on_bfloat16_gets_whole_parameters_and_decays_like_float32
     assert set(shapes) == {("0.weight", (64, 64), torch.float32), ("0.bias", (64,), torch.float32)}
     ratio = (gm.get_parameter("0.weight").detach().double().abs().mean() / w0).item()
     assert ratio == pytest.approx((1 - lmbda) ** steps, rel=1e-3)
+
+
+@pytest.mark.parametrize("method", ["lobster", "serene"])
+@pytest.mark.parametrize("opt_kwargs", [{}, {"momentum": 0.9, "weight_decay": 1e-3}],
+                         ids=["sgd", "sgd-momentum-wd"])
+@pytest.mark.parametrize("positional", [False, True])
+def test_step_with_a_closure_applies_the_term_of_that_steps_gradient(method, opt_kwargs, positional):
+    """``opt.step(closure)`` (Lightning's automatic optimization) computes the gradient inside
+    the step: the rule must use it, exactly as ``loss.backward(); opt.step()`` does."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    data = [(torch.randn(16, 6), torch.randint(0, 3, (16,))) for _ in range(4)]
+
+    def run(use_closure):
+        gm = lobster_fx.instrument(copy.deepcopy(base))
+        opt = torch.optim.SGD(gm.parameters(), lr=0.1, **opt_kwargs)
+        rule = (Lobster(gm, opt, lmbda=0.05) if method == "lobster"
+                else lobster_fx.SeReNe(gm, opt, lmbda=0.05))
+        for x, y in data:
+            def closure(x=x, y=y):
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(gm(x), y)
+                loss.backward()
+                return loss
+            if use_closure:
+                opt.step(closure) if positional else opt.step(closure=closure)
+            else:
+                closure()
+                opt.step()
+        assert rule.steps == len(data)
+        rule.remove()
+        return [p.detach().clone() for p in gm.parameters()]
+
+    for a, b in zip(run(False), run(True), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -254,7 +254,7 @@ class StepRule:
         self._lmbda_cache: tuple[Any, torch.Tensor | None] = (None, None)
         self._generators: dict[torch.device, torch.Generator] = {}  # for half params, one per device
         self._handles = [
-            optimizer.register_step_pre_hook(self._before_step),
+            optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._after_step),
         ]
         _ATTACHED.add(self)
@@ -387,6 +387,29 @@ class StepRule:
         return self._membership[1]
 
     # --- the hooks ----------------------------------------------------------------------------
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict[str, Any]) -> Any:
+        # ``step(closure)`` (Lightning's automatic optimization, ...) computes this step's gradient
+        # inside the step, after the pre-hooks: the term must wait for it, so the closure is
+        # wrapped and the term computed right after its first call (an optimizer that calls its
+        # closure several times, like LBFGS, gets the term of the first gradient only)
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._before_step(optimizer, args, kwargs)
+            return None
+        self._pending = None
+        done = []
+
+        def closure_then_term() -> Any:
+            loss = closure()
+            if not done:
+                done.append(True)
+                self._before_step(optimizer, args, kwargs)
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_term}
+        return (args[0], closure_then_term, *args[2:]), kwargs
 
     @torch.no_grad()
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict[str, Any]) -> None:
