@@ -360,14 +360,18 @@ def write_md(summaries: dict, path: Path) -> None:
                   f"Step MACs per sample (forward + full backward): {sm['step_macs']:,}; forward per layer: "
                   + ", ".join(f"{n} {m:,}" for n, m in sm["layer_macs"].items()), "",
                   "| run | final test error | best | training time (s) | saving vs baseline | ceiling (MACs) "
-                  "| share of ceiling | mean frozen fraction per layer |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| share of ceiling | step-time saving (medians) | its share of ceiling | mean frozen fraction per layer |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in sm["runs"].items():
             frozen = ", ".join(f"{n} {v:.2f}" for n, v in r["mean_frozen_fraction"].items()) or "-"
             share = "-" if name == "baseline" or r["share_of_ceiling"] is None else f"{100 * r['share_of_ceiling']:.0f}%"
+            med_share = f"{100 * r['step_time_saving_of_medians'] / r['ceiling_saving']:.0f}%" \
+                if r["ceiling_saving"] > 0 else "-"
             lines.append(f"| {name} | {r['final_test_error']:.2f}% | {r['best_test_error']:.2f}% | {r['train_time_s']:.0f} "
                          f"| {_pct(r['time_saving']) if name != 'baseline' else '-'} "
-                         f"| {_pct(r['ceiling_saving']) if name != 'baseline' else '-'} | {share} | {frozen} |")
+                         f"| {_pct(r['ceiling_saving']) if name != 'baseline' else '-'} | {share} "
+                         f"| {_pct(r['step_time_saving_of_medians']) if name != 'baseline' else '-'} "
+                         f"| {med_share if name != 'baseline' else '-'} | {frozen} |")
         lines += ["", "Per epoch (NEq run): frozen fraction per layer, median step time over the baseline's "
                   "of the same epoch, saved backward MACs over the step's MACs, test error:", "",
                   "| epoch | frozen | step ratio | saved MACs | error (baseline / neq / random / neq-lobster) |",
