@@ -99,3 +99,13 @@ def test_register_adds_the_subcommand():
     assert (args.command, args.checkpoint, args.out, args.data, args.heatmap, args.batch_size) == (
         "analyze", "c.pt", "d", "val", ["fc1"], 1000)
     assert args.func.__name__ == "run_analyze"
+
+
+def test_lobster_fx_main_runs_analyze(checkpoint, tmp_path):
+    """The installed ``lobster-fx`` entry point has the subcommand, with its one-line errors."""
+    from lobster_fx.cli import main as lobster_fx_main
+
+    out = tmp_path / "psp"
+    assert lobster_fx_main(["analyze", str(checkpoint), "--out", str(out), "--heatmap", "fc2"]) == 0
+    assert json.loads((out / "psp.json").read_text())
+    assert lobster_fx_main(["analyze", str(checkpoint), "--out", str(out)]) == 1  # not empty: refused
