@@ -16,3 +16,15 @@ def _children_import_this_checkout():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(CHECKOUT), os.environ.get("PYTHONPATH")) if p))
         yield
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread (several, on a busy machine, spin-wait for many times the
+    work). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

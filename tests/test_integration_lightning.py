@@ -12,13 +12,7 @@ from lobster_fx.integrations.lightning import LobsterPruning  # noqa: E402
 EPOCHS = 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one intra-op thread; several on a busy machine spin-wait for many times the work
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Net(L.LightningModule):

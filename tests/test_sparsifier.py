@@ -26,13 +26,7 @@ def _data():
 X, Y = _data()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one intra-op thread; several on a busy machine spin-wait for many times the work
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @torch.no_grad()
