@@ -388,6 +388,7 @@ def summarize(args: argparse.Namespace) -> None:
              "| setting | method | epochs | wall min | epoch | val err % | test err % | params | live MACs | "
              "MAC ratio | ONNX bytes | speed-up b1 | speed-up b64 | b64 / MAC ratio | units per layer |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    targets: list[str] = []  # after the table: one table for every setting
     workdir = Path(tempfile.mkdtemp(prefix="lobster_methods_"))
     try:
         for setting in SETTINGS:
@@ -458,10 +459,11 @@ def summarize(args: argparse.Namespace) -> None:
                     f"{sel['speedup']['1']:.2f}x | {sel['speedup']['64']:.2f}x | "
                     + (f"{sel['speedup']['64'] / ratio:.2f}" if ratio else "-") + f" | {units} |")
             _plot(plt, setting, indexes, chosen, results / f"methods-{setting}.png")
-            lines += _targets(setting, chosen, indexes, args.tolerance)
+            targets += _targets(setting, chosen, indexes, args.tolerance)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     out["loadavg_end"] = list(os.getloadavg())
+    lines += ["", "Targets (issue 15), from the selected snapshots above:", "", *targets]
     lines += ["", "Plots: `results/methods-<setting>.png` (test error vs live MACs of every snapshot; star: selected)."]
     (results / "methods.json").write_text(json.dumps(out, indent=1) + "\n")
     (results / "methods.md").write_text("\n".join(lines) + "\n")
