@@ -194,15 +194,14 @@ class LobsterPruning(Callback):
             raise RuntimeError("LobsterPruning: LBFGS is not supported (it evaluates its closure several times "
                                "per step; the rule needs the one final gradient of a step)")
         self._release()  # a second fit() builds new optimizers: the state carries over
+        # Lightning steps with optimizer.step(closure): the rule computes its term after the
+        # closure's backward (StepRule wraps the closure), so the loop needs nothing more here
         sp.attach(optimizer, evaluate)
-        _closure_first(optimizer)
         self._optimizer = optimizer
 
     def _release(self) -> None:
         self.sparsifier.detach()
-        optimizer, self._optimizer = self._optimizer, None
-        if optimizer is not None and getattr(optimizer.step, "_lobster_closure_first", False):
-            del optimizer.step  # the class's step again
+        self._optimizer = None
 
     # --- schedule -----------------------------------------------------------------------------
 
@@ -244,29 +243,6 @@ class LobsterPruning(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; applied when the rule is attached (``on_fit_start``)."""
         self.sparsifier.load_state_dict(state_dict)
-
-
-def _closure_first(optimizer: torch.optim.Optimizer) -> None:
-    """Run the closure Lightning passes to ``optimizer.step`` *before* the step.
-
-    Lightning's automatic optimization calls ``optimizer.step(closure=...)`` and the closure
-    (zero_grad, training_step, backward) runs inside the step, after the step pre-hooks: the
-    rule would read the previous step's gradient (and none at an epoch's first step). Evaluated
-    first, the pre-hook sees this step's gradient; the optimizer then steps without a closure,
-    which is the same update for every optimizer that evaluates its closure once (not LBFGS).
-    """
-    step = optimizer.step
-
-    def step_closure_first(closure: Any = None, **kwargs: Any) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        out = step(**kwargs)
-        return loss if out is None else out
-
-    step_closure_first._lobster_closure_first = True
-    optimizer.step = step_closure_first
 
 
 class _NoLogging:
