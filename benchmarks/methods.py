@@ -5,6 +5,8 @@ Settings: lenet300-mnist, lenet5-mnist, resnet32-fashion (data from ``--data-roo
 
   serene-output  SeReNe, output sensitivity d(sum y)/dz, neuron pruning at plateaus
   serene-loss    SeReNe, loss sensitivity dL/dz, neuron pruning at plateaus
+  serene-*-norm  the same, units ranked by their raw weight norm (one scale for all layers) instead of
+                 the default norm relative to the layer's mean (session 21's runs)
   lobster        LOBSTER (eq. 6), weight pruning at plateaus
   l2             SGD weight decay 1e-3 + magnitude (weight) pruning at plateaus (reproduce.py's l2)
   torch-pruning  Torch-Pruning (``torch_pruning``): dense pre-training, then ``--tp-steps`` global
@@ -72,6 +74,11 @@ SETTINGS = {  # name: model, dataset, twt, default epoch cap
 METHODS: dict[str, dict[str, Any]] = {
     "serene-output": {"method": "serene", "sensitivity": "output", "lmbda": 1e-4, "weight_decay": 0.0},
     "serene-loss": {"method": "serene", "sensitivity": "loss", "lmbda": 1e-4, "weight_decay": 0.0},
+    # session 21's runs: units ranked by their raw weight norm against one threshold (kept conv channels)
+    "serene-output-norm": {"method": "serene", "sensitivity": "output", "lmbda": 1e-4, "weight_decay": 0.0,
+                           "unit_score": "norm"},
+    "serene-loss-norm": {"method": "serene", "sensitivity": "loss", "lmbda": 1e-4, "weight_decay": 0.0,
+                         "unit_score": "norm"},
     "lobster": {"method": "lobster", **VARIANTS["lobster"]},
     "l2": {"method": "lobster", **VARIANTS["l2"]},
     "torch-pruning": {},

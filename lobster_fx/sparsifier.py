@@ -42,7 +42,7 @@ from torch import nn
 from lobster_fx.graph.instrument import FilterFn, instrument, lobster_info, masks, unwrap
 from lobster_fx.methods.base import StepRule
 from lobster_fx.pruning.checks import check_evaluate, check_flag, check_int, check_real
-from lobster_fx.pruning.prune import Evaluate, PruneResult
+from lobster_fx.pruning.prune import Evaluate, PruneResult, ScoreFn, check_granularity
 from lobster_fx.pruning.schedule import PlateauPruner
 
 __all__ = ["Sparsifier", "METHODS", "STATE_FORMAT"]
@@ -69,6 +69,9 @@ class Sparsifier:
         rollback: restore the best weights (and optimizer state) since the last pruning first.
         granularity: ``"weight"`` or ``"neuron"``; default: the method's (SeReNe: neuron).
         sensitivity: SeReNe's ``"output"`` or ``"loss"``.
+        score_fn: how ``"neuron"`` phases rank units: a name from
+            :data:`~lobster_fx.pruning.neuron.UNIT_SCORES` (default ``"relative-norm"``) or a
+            callable ``(unit, weight) -> scores`` (a callable is not saved in the state).
         threshold: relative improvement that resets the plateau counter.
         search_precision: the threshold search's ``precision`` (0: exact).
         every_n_iterations: prune every N calls to :meth:`step` instead of at plateaus.
@@ -92,6 +95,7 @@ class Sparsifier:
         rollback: bool = True,
         granularity: str | None = None,
         sensitivity: str = "output",
+        score_fn: ScoreFn | None = None,
         threshold: float = 0.0,
         search_precision: float = 0.0,
         every_n_iterations: int | None = None,
@@ -110,6 +114,7 @@ class Sparsifier:
             raise ValueError(f"{who}: granularity must be 'weight' or 'neuron', got {granularity!r}")
         if sensitivity not in ("output", "loss"):
             raise ValueError(f"{who}: sensitivity must be 'output' or 'loss', got {sensitivity!r}")
+        check_granularity(granularity, score_fn, who)
         if filter_fn is not None and not callable(filter_fn):
             raise TypeError(f"{who}: filter_fn must be a callable (module, fqn) -> bool, got {filter_fn!r}")
         if fused is not None and not isinstance(fused, bool):
@@ -122,6 +127,7 @@ class Sparsifier:
             "rollback": check_flag(rollback, "rollback", who),
             "granularity": granularity,
             "sensitivity": sensitivity,
+            "score_fn": score_fn if isinstance(score_fn, str) else None,
             "threshold": check_real(threshold, "threshold", who, minimum=0, below=1),
             "search_precision": check_real(search_precision, "search_precision", who, minimum=0, below=1),
             "every_n_iterations": None if every_n_iterations is None
@@ -130,6 +136,7 @@ class Sparsifier:
         }
         self.evaluate = evaluate
         self.filter_fn = filter_fn
+        self.score_fn = score_fn
         self.fused = fused
         #: the instrumented model (set by :meth:`prepare`)
         self.gm: nn.Module | None = None
@@ -180,7 +187,7 @@ class Sparsifier:
             self.gm, evaluate, twt=o["twt"], pwe=o["pwe"], rollback=o["rollback"],
             every_n_iterations=o["every_n_iterations"], threshold=o["threshold"],
             reuse_val_loss=o["reuse_val_loss"], search_precision=o["search_precision"], optimizer=optimizer,
-            granularity=o["granularity"],
+            granularity=o["granularity"], score_fn=self.score_fn,
         )
         rule = self._make_rule(optimizer)
         if self._pending is not None:

@@ -307,6 +307,7 @@ def _build_run(config: TrainConfig, device: torch.device) -> _Run:
         threshold=config.plateau_threshold, reuse_val_loss=True, search_precision=config.search_precision,
         optimizer=opt,  # rollback also discards the momentum of the discarded epochs
         granularity=METHODS[config.method],
+        score_fn=config.unit_score if METHODS[config.method] == "neuron" else None,
     )
     return _Run(splits, gm, opt, rule, pruner, torch.Generator().manual_seed(config.seed), device)
 

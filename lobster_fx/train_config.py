@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from lobster_fx.pruning.neuron import UNIT_SCORES
 from lobster_fx.specs import check_kwargs, parse_data_spec, parse_model_spec
 
 __all__ = ["CHOICES", "METHODS", "OPTIMIZERS", "RESUMABLE_CHANGES", "TrainConfig", "check_device",
@@ -37,7 +38,7 @@ METHODS = {"lobster": "weight", "serene": "neuron"}
 OPTIMIZERS = ("sgd", "adamw")
 #: the fields that take one of a fixed set of values (the command line offers them as choices)
 CHOICES: dict[str, tuple[str, ...]] = {"method": tuple(METHODS), "sensitivity": ("output", "loss"),
-                                       "optimizer": OPTIMIZERS}
+                                       "optimizer": OPTIMIZERS, "unit_score": tuple(UNIT_SCORES)}
 #: TrainConfig fields a resumed run may change: how long, where and how fast it runs, and what it
 #: prints. Every other field defines the run (its data, model or arithmetic), and a resume that
 #: changes one is refused. ``threads`` can change float rounding in some kernels, like resuming on
@@ -106,6 +107,9 @@ class TrainConfig:
     method: str = "lobster"
     #: SeReNe's sensitivity: "output" (d(sum y)/dz, one extra backward per step) or "loss" (dL/dz)
     sensitivity: str = "output"
+    #: how SeReNe's pruning phases rank units: "relative-norm" (each unit's weight norm over its
+    #: layer's mean, so conv channels compete with fc rows) or "norm" (raw norm, one scale for all)
+    unit_score: str = "relative-norm"
 
     def __post_init__(self) -> None:
         """Check every field's type and range, naming the field and value that are wrong.
@@ -272,7 +276,8 @@ def check_device(device: str) -> torch.device:
 _IMAGE_OPTIONS = ("image_size", "val_fraction", "test_fraction")
 #: fields added with the user-model command line, and the value every older checkpoint ran with
 _ADDED_FIELDS = {"model_kwargs": None, "data_kwargs": None, "image_size": None, "val_fraction": 0.1,
-                 "test_fraction": 0.1, "optimizer": "sgd"}
+                 "test_fraction": 0.1, "optimizer": "sgd",
+                 "unit_score": "norm"}  # runs before session 22 ranked units by their raw norm
 
 
 def _same_option(name: str, old: Any, new: Any, dataset: str) -> bool:
@@ -303,6 +308,7 @@ def _check_resume(saved: dict[str, Any], config: TrainConfig, ckpt: Path) -> Non
         for name, value in config.to_dict().items()
         if name not in RESUMABLE_CHANGES and name in saved  # older checkpoints may lack newer fields
         and not _same_option(name, saved[name], value, config.dataset)
+        and not (name == "unit_score" and METHODS[config.method] == "weight")  # ranks units only
     ]
     if changed:
         raise ValueError(

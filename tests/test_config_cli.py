@@ -47,6 +47,7 @@ NON_DEFAULT = {
     "fused_rule": (["--fused-rule", "on"], True),
     "method": (["--method", "serene"], "serene"),
     "sensitivity": (["--sensitivity", "loss"], "loss"),
+    "unit_score": (["--unit-score", "norm"], "norm"),
 }
 
 

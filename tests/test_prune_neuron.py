@@ -1,5 +1,6 @@
 """prune(granularity="neuron"): whole units, the bound, evaluated thresholds only, score_fn, slim."""
 
+import copy
 import math
 import pickle
 
@@ -122,14 +123,20 @@ def _known_loss_mlp(seed=0):
     return gm, norms, evaluate, seen
 
 
+@pytest.mark.parametrize("score", ["norm", "relative-norm", None])
 @pytest.mark.parametrize("twt", [0.05, 0.5, 2.0])
-def test_threshold_is_the_largest_admissible_and_only_evaluated_states_are_kept(twt):
+def test_threshold_is_the_largest_admissible_and_only_evaluated_states_are_kept(twt, score):
     gm, norms, evaluate, seen = _known_loss_mlp()
-    result = lobster_fx.prune(gm, evaluate, twt, granularity="neuron")
-    scores = torch.cat(list(norms.values())).double()
+    result = lobster_fx.prune(gm, evaluate, twt, granularity="neuron", score_fn=score)
+    if score == "norm":
+        by_hand = {k: v.double() for k, v in norms.items()}
+    else:  # the default: each unit's norm over the mean norm of its layer
+        by_hand = {k: v.double() / v.double().mean() for k, v in norms.items()}
+    scores = torch.cat(list(by_hand.values()))
+    lost = torch.cat(list(norms.values())).double().square()
     expected = -math.inf
     for t in torch.unique(scores):  # by hand: every candidate
-        if float(scores[scores <= t].square().sum()) <= twt:
+        if float(lost[scores <= t].sum()) <= twt:
             expected = float(t)
     assert result.threshold == pytest.approx(expected, rel=1e-6)
     assert result.loss_after <= (1 + twt) * result.loss_before
@@ -140,14 +147,41 @@ def test_threshold_is_the_largest_admissible_and_only_evaluated_states_are_kept(
     evaluated_ok = [s for s in seen if 1.0 + sum(float(norms[k][s[k]].square().sum()) for k in norms) <= 1 + twt]
     assert any(all(torch.equal(s[k], final[k]) for k in norms) for s in evaluated_ok)
     for name in norms:
-        assert torch.equal(final[name], norms[name] <= result.threshold)
+        assert torch.equal(final[name], by_hand[name] <= result.threshold * (1 + 1e-9))
+
+
+def test_relative_norm_prunes_conv_channels_that_the_raw_norm_keeps():
+    """Filters of 8 x 3 x 3 weights have larger norms than fc rows of 6: with one threshold on the
+    raw norm only fc rows go; relative to each layer's mean, the conv's weak half goes first."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+    conv_scale = torch.tensor([1.0, 1.1, 1.2, 5.0, 5.1, 5.2])  # mean 3.1: relative 0.32, 0.35, 0.39, ...
+    fc_scale = torch.tensor([0.4, 0.5, 0.6, 1.4, 1.5, 1.6])  # mean 1.0: relative 0.4, 0.5, ...
+    with torch.no_grad():  # +-1 entries: a unit's norm is its scale x sqrt(its weight count)
+        model[0].weight.copy_(torch.randn(6, 8, 3, 3).sign() * conv_scale.view(6, 1, 1, 1))
+        model[3].weight.copy_(torch.randn(6, 6).sign() * fc_scale.view(6, 1))
+
+    def pruned_per_layer(score):
+        gm = lobster_fx.instrument(copy.deepcopy(model))  # pruning zeroes the weights it shares
+
+        def evaluate(m):  # a budget of 3 units: more dead rows break the bound
+            dead = sum(int(_dead_rows(m.get_parameter(k)).sum()) for k in ("0.weight", "3.weight"))
+            return 1.0 if dead <= 3 else 10.0
+
+        lobster_fx.prune(gm, evaluate, 0.0, granularity="neuron", score_fn=score)
+        return {k: int(_dead_rows(lobster_fx.masks(gm)[k]).sum()) for k in ("0.weight", "3.weight")}
+
+    # raw norms: filters >= sqrt(72) = 8.5, fc rows <= sqrt(6) x 1.6 = 3.9: the weakest fc rows go
+    assert pruned_per_layer("norm") == {"0.weight": 0, "3.weight": 3}
+    # relative to their layer's mean: the three weak filters (0.32 to 0.39) score below every fc row
+    assert pruned_per_layer("relative-norm") == pruned_per_layer(None) == {"0.weight": 3, "3.weight": 0}
 
 
 def test_coarse_search_and_pinning_across_rounds():
     gm, norms, evaluate, _ = _known_loss_mlp()
-    exact = lobster_fx.prune(gm, evaluate, 0.5, granularity="neuron")
+    exact = lobster_fx.prune(gm, evaluate, 0.5, granularity="neuron", score_fn="norm")
     gm2, _, evaluate2, _ = _known_loss_mlp()
-    coarse = lobster_fx.prune(gm2, evaluate2, 0.5, granularity="neuron", precision=0.2)
+    coarse = lobster_fx.prune(gm2, evaluate2, 0.5, granularity="neuron", score_fn="norm", precision=0.2)
     assert coarse.threshold <= exact.threshold and coarse.evaluations <= exact.evaluations
     first = {k: v.clone() for k, v in lobster_fx.masks(gm).items()}
     with torch.no_grad():  # pruned units would come back if they were not pinned
@@ -180,7 +214,9 @@ def test_score_fn_decides_the_order_and_sees_each_layers_masked_weight():
 @pytest.mark.parametrize(("kw", "error", "match"), [
     ({"granularity": "row"}, ValueError, "granularity must be 'weight' or 'neuron'"),
     ({"score_fn": lambda u, w: w.norm(dim=1)}, ValueError, "score_fn scores units: it needs granularity='neuron'"),
-    ({"granularity": "neuron", "score_fn": 3}, TypeError, "score_fn must be a callable"),
+    ({"granularity": "neuron", "score_fn": 3}, TypeError, "score_fn must be a name from UNIT_SCORES, a callable"),
+    ({"granularity": "neuron", "score_fn": "l1"}, ValueError, "unknown unit score 'l1'; known: relative-norm, norm"),
+    ({"score_fn": "norm"}, ValueError, "score_fn scores units: it needs granularity='neuron'"),
     ({"granularity": "neuron", "score_fn": lambda u, w: torch.zeros(2)}, ValueError, r"shape \(10,\) for layer '0'"),
     ({"granularity": "neuron", "score_fn": lambda u, w: torch.full((u.count,), math.nan)}, ValueError, "non-finite"),
 ])

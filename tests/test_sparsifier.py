@@ -119,6 +119,10 @@ def test_detach_keeps_the_state_for_the_next_optimizer():
 def test_methods_and_their_rules():
     sp, gm, _ = _start(method="serene")
     assert isinstance(sp.rule, SeReNe) and sp.pruner.granularity == "neuron"
+    assert sp.pruner.score_fn is None and sp.state_dict()["options"]["score_fn"] is None  # the default
+    sp.detach()
+    sp, gm, _ = _start(method="serene", score_fn="norm")
+    assert sp.pruner.score_fn == "norm" and sp.state_dict()["options"]["score_fn"] == "norm"
     sp.detach()
     # L2 with lr 0: one step is w <- (1 - lmbda) w, written out
     sp = Sparsifier(_val, method="l2", lmbda=0.25)
@@ -141,6 +145,10 @@ def test_bad_input_is_refused_and_changes_nothing():
         Sparsifier("not callable")
     with pytest.raises(ValueError, match="granularity"):
         Sparsifier(granularity="row")
+    with pytest.raises(ValueError, match="unknown unit score 'l1'"):
+        Sparsifier(method="serene", score_fn="l1")
+    with pytest.raises(ValueError, match="score_fn scores units"):
+        Sparsifier(method="lobster", score_fn="norm")
     sp = Sparsifier()
     with pytest.raises(RuntimeError, match="prepare"):
         sp.attach(torch.optim.SGD(_net().parameters(), lr=0.1))

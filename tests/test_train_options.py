@@ -89,6 +89,13 @@ def test_older_checkpoints_count_as_sgd_and_image_options_only_matter_for_image_
     with pytest.raises(ValueError, match="optimizer 'sgd' -> 'adamw'"):
         _check_resume(old, TrainConfig(**BASE, optimizer="adamw"), "ckpt")
     _check_resume(old, TrainConfig(**BASE, val_fraction=0.3), "ckpt")  # digits: val_fraction is not used
+    _check_resume(old, TrainConfig(**BASE), "ckpt")  # LOBSTER prunes weights: the unit score is not used
+    old_serene = {k: v for k, v in TrainConfig(**BASE, method="serene").to_dict().items() if k != "unit_score"}
+    with pytest.raises(ValueError, match="unit_score 'norm' -> 'relative-norm'"):  # older runs used raw norms
+        _check_resume(old_serene, TrainConfig(**BASE, method="serene"), "ckpt")
+    _check_resume(old_serene, TrainConfig(**BASE, method="serene", unit_score="norm"), "ckpt")
+    with pytest.raises(ValueError, match="TrainConfig.unit_score: unknown unit_score .l1.; valid: relative-norm, norm"):
+        TrainConfig(**BASE, unit_score="l1")
     folder = TrainConfig(dataset="imagefolder:photos").to_dict()
     with pytest.raises(ValueError, match="val_fraction 0.1 -> 0.3"):
         _check_resume(folder, TrainConfig(dataset="imagefolder:photos", val_fraction=0.3), "ckpt")

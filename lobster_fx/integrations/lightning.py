@@ -72,7 +72,7 @@ except ImportError as e:  # pragma: no cover - the extra is not installed
                       f"(or pip install lightning); {e}") from e
 
 from lobster_fx.graph.instrument import FilterFn, masked_parameters
-from lobster_fx.pruning.prune import Evaluate
+from lobster_fx.pruning.prune import Evaluate, ScoreFn
 from lobster_fx.sparsifier import Sparsifier
 
 __all__ = ["LobsterPruning", "SUPPORTED_STRATEGIES"]
@@ -95,7 +95,7 @@ class LobsterPruning(Callback):
         monitor: the logged metric that decides the plateaus when ``evaluate`` is None.
         fold_on_fit_end: at the end of ``fit`` replace ``pl_module.<attribute>`` by the folded
             model (masks multiplied in and removed); training it further is not sparse training.
-        rollback, granularity, sensitivity, threshold, search_precision, filter_fn, fused: as
+        rollback, granularity, sensitivity, score_fn, threshold, search_precision, filter_fn, fused: as
             for :class:`~lobster_fx.sparsifier.Sparsifier`.
 
     Attributes:
@@ -117,6 +117,7 @@ class LobsterPruning(Callback):
         rollback: bool = True,
         granularity: str | None = None,
         sensitivity: str = "output",
+        score_fn: ScoreFn | None = None,
         threshold: float = 0.0,
         search_precision: float = 0.0,
         filter_fn: FilterFn | None = None,
@@ -130,7 +131,7 @@ class LobsterPruning(Callback):
             raise TypeError(f"LobsterPruning: fold_on_fit_end must be True or False, got {fold_on_fit_end!r}")
         self.sparsifier = Sparsifier(
             evaluate, method=method, lmbda=lmbda, twt=twt, pwe=pwe, rollback=rollback, granularity=granularity,
-            sensitivity=sensitivity, threshold=threshold, search_precision=search_precision, filter_fn=filter_fn,
+            sensitivity=sensitivity, score_fn=score_fn, threshold=threshold, search_precision=search_precision, filter_fn=filter_fn,
             fused=fused, reuse_val_loss=evaluate is not None,  # the loss step() gets is evaluate's own
         )
         self.attribute = attribute

@@ -65,7 +65,7 @@ except ImportError as e:  # pragma: no cover - the extra is not installed
 from lobster_fx.checkpoint import atomic_save, load_checkpoint
 from lobster_fx.graph.instrument import FilterFn, instrument, masked_parameters
 from lobster_fx.graph.state_keys import external_key
-from lobster_fx.pruning.prune import Evaluate
+from lobster_fx.pruning.prune import Evaluate, ScoreFn
 from lobster_fx.sparsifier import Sparsifier
 
 __all__ = ["LobsterCallback", "STATE_FILE", "instrument_in_place"]
@@ -174,7 +174,7 @@ class LobsterCallback(TrainerCallback):
         lmbda, twt, pwe: the rule's strength, the pruning tolerance, evaluations without
             improvement before pruning (see :class:`lobster_fx.sparsifier.Sparsifier`).
         monitor: the evaluation metric that decides the plateaus when ``evaluate`` is None.
-        rollback, granularity, sensitivity, threshold, search_precision, filter_fn, fused: as
+        rollback, granularity, sensitivity, score_fn, threshold, search_precision, filter_fn, fused: as
             for :class:`~lobster_fx.sparsifier.Sparsifier`.
 
     Attributes:
@@ -194,6 +194,7 @@ class LobsterCallback(TrainerCallback):
         rollback: bool = True,
         granularity: str | None = None,
         sensitivity: str = "output",
+        score_fn: ScoreFn | None = None,
         threshold: float = 0.0,
         search_precision: float = 0.0,
         filter_fn: FilterFn | None = None,
@@ -203,7 +204,7 @@ class LobsterCallback(TrainerCallback):
             raise TypeError(f"LobsterCallback: monitor must be an evaluation metric's name, got {monitor!r}")
         self.sparsifier = Sparsifier(
             evaluate, method=method, lmbda=lmbda, twt=twt, pwe=pwe, rollback=rollback, granularity=granularity,
-            sensitivity=sensitivity, threshold=threshold, search_precision=search_precision, filter_fn=filter_fn,
+            sensitivity=sensitivity, score_fn=score_fn, threshold=threshold, search_precision=search_precision, filter_fn=filter_fn,
             fused=fused, reuse_val_loss=evaluate is not None,
         )
         self.monitor = monitor

@@ -23,9 +23,16 @@ bias is unmasked; only live units are candidates. Units whose output is the grap
 belong to no unit (embeddings, attention, raw matmul weights) are left as they are.
 
 Scores: ``score_fn(unit, weight)`` gets the :class:`~lobster_fx.graph.taps.Unit` and the layer's
-masked weight (a detached tensor) and returns ``unit.count`` finite scores; default
-:func:`weight_norm`, the L2 norm of each unit's weights. One threshold for all layers: a method
-that wants per-layer balance normalises its scores.
+masked weight (a detached tensor) and returns ``unit.count`` finite scores; or a name from
+:data:`UNIT_SCORES` (users may add their own). One threshold for all layers, so the scores must
+be comparable across layers:
+
+* ``"relative-norm"`` (the default, :func:`relative_norm`): each unit's L2 norm divided by the
+  mean norm of its layer's live units (Torch-Pruning's ``"mean"`` normaliser). Every layer is
+  then judged against its own scale, so conv filters compete with fc rows.
+* ``"norm"`` (:func:`weight_norm`): the raw L2 norm. A conv filter has more weights than a small
+  fc row and a larger norm: on LeNet-5 it kept every conv channel (the layers where the MACs are)
+  and pruned only fc1 rows (``benchmarks/results/methods.md``, session 21).
 
 Example::
 
@@ -55,11 +62,11 @@ from torch import nn
 from lobster_fx.graph.instrument import masked_parameters
 from lobster_fx.graph.taps import Unit, find_units
 
-__all__ = ["UnitPlan", "weight_norm"]
+__all__ = ["UNIT_SCORES", "UnitPlan", "relative_norm", "resolve_score", "weight_norm"]
 
 
 def weight_norm(unit: Unit, weight: torch.Tensor) -> torch.Tensor:
-    """The default unit score: the L2 norm of each unit's (masked) weights, in float32 or wider.
+    """The L2 norm of each unit's (masked) weights, in float32 or wider (``score_fn="norm"``).
 
         >>> import torch
         >>> from lobster_fx.graph.taps import Unit
@@ -68,6 +75,49 @@ def weight_norm(unit: Unit, weight: torch.Tensor) -> torch.Tensor:
         tensor([5., 1.])
     """
     return weight.detach().flatten(1).to(torch.promote_types(weight.dtype, torch.float32)).norm(dim=1)
+
+
+def relative_norm(unit: Unit, weight: torch.Tensor) -> torch.Tensor:
+    """The default unit score: each unit's L2 norm over the mean L2 norm of the layer's live units
+    (units whose masked weights are all 0 score 0 and are left out of the mean).
+
+        >>> import torch
+        >>> from lobster_fx.graph.taps import Unit
+        >>> u = Unit("fc", "linear", "fc.weight", None, 3, -1, None, False, "", "linear")
+        >>> relative_norm(u, torch.tensor([[3.0, 4.0], [0.0, 1.0], [0.0, 0.0]]))
+        tensor([1.6667, 0.3333, 0.0000])
+    """
+    norms = weight_norm(unit, weight)
+    live = norms > 0
+    if not bool(live.any()):
+        return norms
+    return norms / norms[live].mean()
+
+
+#: unit scores by name (``prune(..., score_fn="relative-norm")``); add entries to offer more
+UNIT_SCORES: dict[str, Any] = {"relative-norm": relative_norm, "norm": weight_norm}
+#: the score of ``granularity="neuron"`` when none is given
+DEFAULT_UNIT_SCORE = "relative-norm"
+
+
+def resolve_score(score_fn: Any, who: str = "prune") -> Any:
+    """The callable for ``score_fn``: a name from :data:`UNIT_SCORES`, a callable, or None (the
+    default, :data:`DEFAULT_UNIT_SCORE`).
+
+        >>> resolve_score("norm") is weight_norm, resolve_score(None) is relative_norm
+        (True, True)
+    """
+    if score_fn is None:
+        score_fn = DEFAULT_UNIT_SCORE
+    if isinstance(score_fn, str):
+        if score_fn not in UNIT_SCORES:
+            raise ValueError(f"{who}: unknown unit score {score_fn!r}; known: {', '.join(UNIT_SCORES)} "
+                             "(or pass a callable (unit, weight) -> scores)")
+        return UNIT_SCORES[score_fn]
+    if not callable(score_fn):
+        raise TypeError(f"{who}: score_fn must be a name from UNIT_SCORES, a callable (unit, weight) -> scores "
+                        f"or None, got {score_fn!r} ({type(score_fn).__name__})")
+    return score_fn
 
 
 @dataclass
@@ -124,7 +174,7 @@ class UnitPlan:
                              "(a layer whose output is the model's output is not pruned)" + (f"; {why}" if why else ""))
         by_name = {info.name: (p, mask) for info, p, mask in masked_parameters(gm)}
         masked_by_owner = {_owner_attr(info.param_path): (p, mask) for info, p, mask in masked_parameters(gm)}
-        score_fn = weight_norm if score_fn is None else score_fn
+        score_fn = resolve_score(score_fn)
         self.layers: list[_Layer] = []
         for unit in units:
             w, wm = by_name[unit.weight]

@@ -43,7 +43,7 @@ __all__ = ["GRANULARITIES", "PruneAction", "PruneResult", "distinct_magnitudes",
 
 Evaluate = Callable[[nn.Module], float]
 #: ``score_fn(unit, weight) -> scores`` of ``prune(granularity="neuron")``
-ScoreFn = Callable[[Any, torch.Tensor], torch.Tensor]
+ScoreFn = Callable[[Any, torch.Tensor], torch.Tensor] | str
 
 #: what one pruning phase removes
 GRANULARITIES = ("weight", "neuron")
@@ -199,10 +199,12 @@ def prune(
             units of the Linear / Conv layers in the traced graphs (a row or filter, its
             bias, and the matching entries of a BatchNorm right after); other masked
             parameters are left as they are. See :mod:`lobster_fx.pruning.neuron`.
-        score_fn: with ``"neuron"``, ``score_fn(unit, weight) -> tensor of unit.count``
-            scores (``unit`` a :class:`lobster_fx.graph.taps.Unit`, ``weight`` its masked
-            weight); default: the L2 norm of each unit's weights. Scores of all layers
-            share one threshold.
+        score_fn: with ``"neuron"``, a name from
+            :data:`lobster_fx.pruning.neuron.UNIT_SCORES` (``"relative-norm"``, the default:
+            each unit's L2 norm over its layer's mean; ``"norm"``: the raw L2 norm) or
+            ``score_fn(unit, weight) -> tensor of unit.count`` scores (``unit`` a
+            :class:`lobster_fx.graph.taps.Unit`, ``weight`` its masked weight). Scores of
+            all layers share one threshold.
         loss_before: the loss of ``gm`` as it is, when already known (saves one
             evaluation); must be what ``evaluate(gm)`` would return.
         sync_distributed: under ``torch.distributed`` average each loss over the
@@ -287,9 +289,10 @@ def check_granularity(granularity: Any, score_fn: Any, who: str) -> str:
     if not isinstance(granularity, str) or granularity not in GRANULARITIES:
         raise ValueError(f"{who}: granularity must be 'weight' or 'neuron', got {granularity!r} "
                          f"({type(granularity).__name__})")
-    if score_fn is not None and not callable(score_fn):
-        raise TypeError(f"{who}: score_fn must be a callable (unit, weight) -> scores or None, got {score_fn!r} "
-                        f"({type(score_fn).__name__})")
+    if score_fn is not None:
+        from lobster_fx.pruning.neuron import resolve_score
+
+        resolve_score(score_fn, who)  # an unknown name or a non-callable, named now
     if score_fn is not None and granularity != "neuron":
         raise ValueError(f"{who}: score_fn scores units: it needs granularity='neuron' (weights are scored by |w|)")
     return granularity

@@ -74,7 +74,9 @@ class PlateauPruner:
             ``step`` equally often. ``False``: each rank decides from its own value.
         granularity: what each pruning phase removes: ``"weight"`` (the paper) or
             ``"neuron"`` (whole units; see :func:`lobster_fx.prune`).
-        score_fn: the unit score of ``"neuron"`` phases (default: the unit's weight norm).
+        score_fn: the unit score of ``"neuron"`` phases: a name from
+            :data:`~lobster_fx.pruning.neuron.UNIT_SCORES` or a callable (default
+            ``"relative-norm"``: each unit's weight norm over its layer's mean).
 
     ``trigger`` and ``action`` hold the decision and the pruning settings; the
     attributes ``twt``, ``pwe``, ``threshold``, ``every_n_iterations``, ``best``,
