@@ -104,6 +104,17 @@ def step_macs(macs: dict[str, int]) -> int:
 
 # --------------------------------------------------------------------------- one run
 
+#: learning-rate schedules: cosine to 0 over the run, or step (x0.1 at 50% and 75% of the run, the
+#: usual shape of the long CIFAR schedules NEq was published with)
+SCHEDULES = ("cosine", "step")
+
+
+def learning_rate(epoch: int, epochs: int, schedule: str) -> float:
+    if schedule == "step":
+        return LR * (0.1 ** ((epoch >= epochs // 2) + (epoch >= (3 * epochs) // 4)))
+    return LR * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+
+
 
 class Run:
     def __init__(self, name: str, model: nn.Module, val_x: torch.Tensor, exclude: list[str], eps: float) -> None:
@@ -136,9 +147,9 @@ class Run:
         if self.lobster is not None:
             self.lobster.load_state_dict(state["lobster"])
 
-    def begin(self, epoch: int, epochs: int, rate: dict[str, float] | None) -> None:
+    def begin(self, epoch: int, epochs: int, rate: dict[str, float] | None, schedule: str = "cosine") -> None:
         """The epoch's learning rate, and NEq's measurement and decisions (timed)."""
-        lr = LR * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        lr = learning_rate(epoch, epochs, schedule)
         for g in self.opt.param_groups:
             g["lr"] = lr
         t0 = time.perf_counter()
@@ -175,7 +186,8 @@ def test_error(gm: nn.Module, test) -> float:
     return 100.0 * wrong / test.x.shape[0]
 
 
-def run(setting: str, epochs: int, train_size: int, val_size: int, threads: int, seed: int, eps: float) -> None:
+def run(setting: str, epochs: int, train_size: int, val_size: int, threads: int, seed: int, eps: float,
+        schedule: str = "cosine") -> None:
     from lobster_fx.data import TensorData, load_dataset
 
     torch.set_num_threads(threads)
@@ -189,7 +201,8 @@ def run(setting: str, epochs: int, train_size: int, val_size: int, threads: int,
     model = _model(model_name)
     runs = {name: Run(name, model, val_x, exclude, eps) for name in RUNS}
     macs = layer_macs(runs["neq"].gm, runs["neq"].neq.taps, val_x)
-    ckpt = CKPT / f"{setting if eps == EPS else f'{setting}-eps{eps:g}'}.pt"
+    key = setting if eps == EPS else f"{setting}-eps{eps:g}"
+    ckpt = CKPT / f"{key if schedule == 'cosine' else f'{key}-{schedule}{epochs}'}.pt"
     start = 0
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
@@ -201,7 +214,7 @@ def run(setting: str, epochs: int, train_size: int, val_size: int, threads: int,
         print(f"resumed at epoch {start}", flush=True)
     for epoch in range(start, epochs):
         for name in RUNS:  # neq before random: random takes neq's fractions of this epoch
-            runs[name].begin(epoch, epochs, runs["neq"].frozen if name == "random" else None)
+            runs[name].begin(epoch, epochs, runs["neq"].frozen if name == "random" else None, schedule)
         perm = torch.randperm(train.x.shape[0], generator=torch.Generator().manual_seed(1000 + epoch))
         # interleaved step by step (the order rotating): load on the machine hits every run alike
         for k, i in enumerate(range(0, len(perm) - BATCH + 1, BATCH)):
@@ -217,7 +230,7 @@ def run(setting: str, epochs: int, train_size: int, val_size: int, threads: int,
         CKPT.mkdir(parents=True, exist_ok=True)
         tmp = ckpt.with_suffix(".tmp")
         torch.save({"config": [epochs, train_size, val_size, seed], "epoch": epoch + 1, "macs": macs,
-                    "setting": setting, "eps": eps,
+                    "setting": setting, "eps": eps, "schedule": schedule,
                     "runs": {n: r.state() for n, r in runs.items()}}, tmp)
         tmp.replace(ckpt)
 
@@ -286,7 +299,8 @@ def summarize(key: str) -> dict:
     recs = {n: state["runs"][n]["records"] for n in RUNS}
     macs = state["macs"]
     base = recs["baseline"]
-    out: dict = {"setting": state.get("setting", key), "eps": state.get("eps", EPS), "epochs": state["epoch"], "config": state["config"], "layer_macs": macs,
+    out: dict = {"setting": state.get("setting", key), "eps": state.get("eps", EPS), "epochs": state["epoch"],
+                 "schedule": state.get("schedule", "cosine"), "config": state["config"], "layer_macs": macs,
                  "step_macs": step_macs(macs), "runs": {}}
     base_time = sum(r["train_s"] + r["measure_s"] for r in base)
     base_step = sum(r["step_ms_median"] for r in base)
@@ -355,8 +369,9 @@ def write_md(summaries: dict, path: Path) -> None:
         if "runs" not in sm:
             continue
         epochs, train_size, val_size, seed = sm["config"]
-        lines += [f"### {sm['setting']}, eps {sm['eps']:g} (mu {MU}): {sm['epochs']} epochs on {train_size} training "
-                  f"images, NEq on {val_size} validation images, seed {seed}, 1 CPU thread", "",
+        lines += [f"### {sm['setting']}, eps {sm['eps']:g} (mu {MU}), {sm.get('schedule', 'cosine')} lr schedule: "
+                  f"{sm['epochs']} epochs on {train_size} training images, NEq on {val_size} validation images, "
+                  f"seed {seed}, 1 CPU thread", "",
                   f"Step MACs per sample (forward + full backward): {sm['step_macs']:,}; forward per layer: "
                   + ", ".join(f"{n} {m:,}" for n, m in sm["layer_macs"].items()), "",
                   "| run | final test error | best | training time (s) | saving vs baseline | ceiling (MACs) "
@@ -423,6 +438,8 @@ def main() -> None:
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--eps", type=float, default=EPS, help="NEq's threshold (the paper: 1e-3; 2e-2 for segmentation)")
+    r.add_argument("--schedule", default="cosine", choices=SCHEDULES,
+                   help="learning rate: cosine to 0, or step (x0.1 at 50%% and 75%% of the epochs)")
     pr = sub.add_parser("probe")
     pr.add_argument("--reps", type=int, default=60)
     pr.add_argument("--threads", type=int, default=1)
@@ -430,7 +447,7 @@ def main() -> None:
     s.add_argument("--setting", action="append")
     args = ap.parse_args()
     if args.cmd == "run":
-        run(args.setting, args.epochs, args.train_size, args.val_size, args.threads, args.seed, args.eps)
+        run(args.setting, args.epochs, args.train_size, args.val_size, args.threads, args.seed, args.eps, args.schedule)
         return
     if args.cmd == "probe":
         probe(args.reps, args.threads)
