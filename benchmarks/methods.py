@@ -473,7 +473,10 @@ def summarize(args: argparse.Namespace) -> None:
     lines += ["", "Targets (issue 15), from the selected snapshots above:", "", *targets]
     lines += ["", "Plots: `results/methods-<setting>.png` (test error vs live MACs of every snapshot; star: selected)."]
     (results / "methods.json").write_text(json.dumps(out, indent=1) + "\n")
-    (results / "methods.md").write_text("\n".join(lines) + "\n")
+    md = results / "methods.md"
+    marker = "<!-- notes (kept by summarize) -->"  # hand-written notes below it survive a new summary
+    notes = md.read_text().split(marker, 1)[1] if md.exists() and marker in md.read_text() else "\n"
+    md.write_text("\n".join(lines) + "\n\n" + marker + notes)
     print("\n".join(lines))
 
 

@@ -231,6 +231,7 @@ def run(setting: str, epochs: int, train_size: int, val_size: int, threads: int,
         tmp = ckpt.with_suffix(".tmp")
         torch.save({"config": [epochs, train_size, val_size, seed], "epoch": epoch + 1, "macs": macs,
                     "setting": setting, "eps": eps, "schedule": schedule,
+                    "row_wise_min": runs["neq"].neq.row_wise_min,
                     "runs": {n: r.state() for n, r in runs.items()}}, tmp)
         tmp.replace(ckpt)
 
@@ -238,6 +239,11 @@ def run(setting: str, epochs: int, train_size: int, val_size: int, threads: int,
 # --------------------------------------------------------------------------- fast-path probe
 
 PROBE = {  # name: per-layer frozen fractions (random units), LeNet-5
+    "conv1 5%": {"conv1": 0.05},
+    "conv1 25%": {"conv1": 0.25},
+    "conv2 10%": {"conv2": 0.1},
+    "conv2 25%": {"conv2": 0.25},
+    "fc1 10%": {"fc1": 0.1},
     "fc1 half": {"fc1": 0.5},
     "conv2 half": {"conv2": 0.5},
     "every layer half": {"conv1": 0.5, "conv2": 0.5, "fc1": 0.5, "fc2": 0.5},
@@ -301,6 +307,7 @@ def summarize(key: str) -> dict:
     base = recs["baseline"]
     out: dict = {"setting": state.get("setting", key), "eps": state.get("eps", EPS), "epochs": state["epoch"],
                  "schedule": state.get("schedule", "cosine"), "config": state["config"], "layer_macs": macs,
+                 "row_wise_min": state.get("row_wise_min", 0.0),  # runs before it: row-wise at any fraction
                  "step_macs": step_macs(macs), "runs": {}}
     base_time = sum(r["train_s"] + r["measure_s"] for r in base)
     base_step = sum(r["step_ms_median"] for r in base)
@@ -371,7 +378,8 @@ def write_md(summaries: dict, path: Path) -> None:
         epochs, train_size, val_size, seed = sm["config"]
         lines += [f"### {sm['setting']}, eps {sm['eps']:g} (mu {MU}), {sm.get('schedule', 'cosine')} lr schedule: "
                   f"{sm['epochs']} epochs on {train_size} training images, NEq on {val_size} validation images, "
-                  f"seed {seed}, 1 CPU thread", "",
+                  f"seed {seed}, 1 CPU thread, row-wise dW from {100 * sm.get('row_wise_min', 0.0):.0f}% of a layer "
+                  "frozen", "",
                   f"Step MACs per sample (forward + full backward): {sm['step_macs']:,}; forward per layer: "
                   + ", ".join(f"{n} {m:,}" for n, m in sm["layer_macs"].items()), "",
                   "| run | final test error | best | training time (s) | saving vs baseline | ceiling (MACs) "

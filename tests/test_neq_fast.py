@@ -97,3 +97,35 @@ def test_grad_of_input_matches_with_partial_freezing():
     x.grad = None
     full(x).square().sum().backward()
     torch.testing.assert_close(g_fast, x.grad, rtol=1e-5, atol=1e-6)  # dX is computed in full
+
+
+def test_row_wise_min_keeps_the_full_backward_for_lightly_frozen_layers_and_freezing_exact():
+    torch.manual_seed(0)
+    gm = lobster_fx.instrument(_Mixed()).train()
+    opt = torch.optim.SGD(gm.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    neq = NEq(gm, opt, None, random_rate={"c2": 0.5, "c1": 0.4, "tok": 6 / 7}, seed=7, row_wise_min=0.5)
+    neq.step()
+    ctls = {name: layer.ctl for name, layer in neq._layers.items()}
+    assert ctls["c1"].active is None  # 2 of 5 frozen: below 0.5, the full backward
+    assert ctls["c2"].active is not None and ctls["tok"].active is not None  # 3 of 6, 6 of 7
+    before = {n: p.detach().clone() for n, p in gm.named_parameters()}
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, y = torch.randn(8, 2, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(gm(x), y).backward()
+        assert gm.get_parameter("c1.weight").grad[neq.frozen["c1"]].abs().sum() > 0  # computed in full
+        opt.step()
+    for name, frozen in neq.frozen.items():
+        for n in _ROWS[name]:
+            assert torch.equal(gm.get_parameter(n)[frozen], before[n][frozen]), n  # frozen rows did not move
+            assert not torch.equal(gm.get_parameter(n)[~frozen], before[n][~frozen]), n
+
+
+@pytest.mark.parametrize("value", [1.5, -0.1, float("nan")])
+def test_bad_row_wise_min_is_refused_before_anything_is_installed(value):
+    gm = lobster_fx.instrument(_Mixed())
+    code = gm.code
+    with pytest.raises(ValueError, match="row_wise_min"):
+        NEq(gm, torch.optim.SGD(gm.parameters(), lr=0.1), None, random_rate=0.5, row_wise_min=value)
+    assert gm.code == code

@@ -112,6 +112,11 @@ class NEq:
             freezes ``round(rate * units)`` units drawn at random per layer; a float in [0, 1]
             or ``{layer: rate}`` (missing layers: 0). Settable between steps.
         fast: skip the backward work of frozen units (:mod:`lobster_fx.methods.neq_backward`).
+        row_wise_min: with ``fast``, a partly frozen layer runs the row-wise ``dW`` backward only
+            when at least this share of its units is frozen; below it the full backward is
+            cheaper (the row selection copies most of ``dL/dz`` to save a few rows: conv1 of
+            LeNet-5 with 5% frozen stepped 1.18x slower row-wise vs 1.02x with the full backward,
+            ``benchmarks/results/neq.md``). Frozen units stay exact either way.
         batch_size: the measurement's batch size.
         seed: the random baseline's generator seed.
         process_group: DDP group to broadcast decisions over (default: the wrapper's, else
@@ -133,11 +138,15 @@ class NEq:
     def __init__(self, gm: nn.Module, optimizer: torch.optim.Optimizer, val_inputs: torch.Tensor | None, *,
                  eps: float = 1e-3, mu: float = 0.5, exclude: Iterable[str] = (),
                  random_rate: float | dict[str, float] | None = None, fast: bool = True,
-                 batch_size: int = 256, seed: int = 0, process_group: Any = None) -> None:
+                 batch_size: int = 256, seed: int = 0, process_group: Any = None,
+                 row_wise_min: float = 0.1) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"NEq expects a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.eps = self._real(eps, "eps", lo=0.0)
         self.mu = self._real(mu, "mu", lo=0.0)
+        self.row_wise_min = self._real(row_wise_min, "row_wise_min", lo=0.0)
+        if not self.row_wise_min <= 1.0:
+            raise ValueError(f"NEq: row_wise_min must be in [0, 1], got {row_wise_min!r}")
         if not self.mu < 1.0:
             raise ValueError(f"NEq: mu must be in [0, 1), got {mu!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -320,7 +329,7 @@ class NEq:
                 if self._requires_grad[id(p)]:
                     p.requires_grad_(not whole)
             if layer.ctl is not None:
-                partial = n_frozen > 0 and not whole
+                partial = n_frozen > 0 and not whole and n_frozen >= self.row_wise_min * layer.count
                 layer.ctl.active = (~frozen).nonzero().flatten().to(layer.params[0].device) if partial else None
 
     # --- the optimizer hooks ------------------------------------------------------------------
