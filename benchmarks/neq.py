@@ -202,7 +202,7 @@ def run(setting: str, epochs: int, train_size: int, val_size: int, threads: int,
     runs = {name: Run(name, model, val_x, exclude, eps) for name in RUNS}
     macs = layer_macs(runs["neq"].gm, runs["neq"].neq.taps, val_x)
     key = setting if eps == EPS else f"{setting}-eps{eps:g}"
-    ckpt = CKPT / f"{key if schedule == 'cosine' else f'{key}-{schedule}{epochs}'}.pt"
+    ckpt = CKPT / f"{key if schedule == 'cosine' else f'{key}-{schedule}{epochs}-{train_size // 1000}k'}.pt"
     start = 0
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
@@ -239,6 +239,7 @@ def run(setting: str, epochs: int, train_size: int, val_size: int, threads: int,
 # --------------------------------------------------------------------------- fast-path probe
 
 PROBE = {  # name: per-layer frozen fractions (random units), LeNet-5
+    "nothing (the noise floor)": {},
     "conv1 5%": {"conv1": 0.05},
     "conv1 25%": {"conv1": 0.25},
     "conv2 10%": {"conv2": 0.1},
@@ -269,7 +270,8 @@ def probe(reps: int, threads: int) -> dict:
         for fast in ((True,) if rates is None else (True, False)):
             gm = lobster_fx.instrument(copy.deepcopy(model)).train()
             opt = torch.optim.SGD(gm.parameters(), lr=0.01, momentum=0.9)
-            neq = NEq(gm, opt, None, random_rate=rates or 0.0, fast=fast)
+            # row-wise dW at any frozen share: the probe measures where it pays (row_wise_min's default)
+            neq = NEq(gm, opt, None, random_rate=rates or 0.0, fast=fast, row_wise_min=0.0)
             neq.step()
             macs = layer_macs(gm, neq.taps, x)
             runs[(name, fast)] = (gm, opt, 1 - saved_macs(macs, rates or {}) / step_macs(macs))

@@ -113,9 +113,10 @@ class NEq:
             or ``{layer: rate}`` (missing layers: 0). Settable between steps.
         fast: skip the backward work of frozen units (:mod:`lobster_fx.methods.neq_backward`).
         row_wise_min: with ``fast``, a partly frozen layer runs the row-wise ``dW`` backward only
-            when at least this share of its units is frozen; below it the full backward is
-            cheaper (the row selection copies most of ``dL/dz`` to save a few rows: conv1 of
-            LeNet-5 with 5% frozen stepped 1.18x slower row-wise vs 1.02x with the full backward,
+            when at least this share of its units is frozen; below it the row selection copies
+            most of ``dL/dz`` to save a few rows, and the full backward runs instead (LeNet-5,
+            conv1 with 5% frozen: 1.035x the step time row-wise vs 1.022x full, within the
+            probe's +-2% noise; from 10% the row-wise path was as fast or faster:
             ``benchmarks/results/neq.md``). Frozen units stay exact either way.
         batch_size: the measurement's batch size.
         seed: the random baseline's generator seed.
