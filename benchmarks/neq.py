@@ -20,6 +20,8 @@ epoch by epoch, i.e. the time saving if time were proportional to MACs.
 Usage (resumes from benchmarks/results/ckpt/neq/ after each epoch; one CPU thread)::
 
     nice -n 10 python benchmarks/neq.py run --setting lenet5-mnist --epochs 12 --train-size 20000
+    python benchmarks/neq.py run --epochs 30 --train-size 20000 --schedule step   # lr x0.1 at 50% and 75%
+    python benchmarks/neq.py probe             # the fast path alone, LeNet-5
     python benchmarks/neq.py summarize     # neq.json, neq.md, neq-*.png
 """
 
