@@ -475,7 +475,8 @@ def summarize(args: argparse.Namespace) -> None:
     (results / "methods.json").write_text(json.dumps(out, indent=1) + "\n")
     md = results / "methods.md"
     marker = "<!-- notes (kept by summarize) -->"  # hand-written notes below it survive a new summary
-    notes = md.read_text().split(marker, 1)[1] if md.exists() and marker in md.read_text() else "\n"
+    old = md.read_text() if md.exists() else ""
+    notes = old.split(marker, 1)[1] if marker in old else "\n"
     md.write_text("\n".join(lines) + "\n\n" + marker + notes)
     print("\n".join(lines))
 

@@ -110,8 +110,6 @@ class Sparsifier:
             raise ValueError(f"{who}: method must be one of {', '.join(METHODS)}, got {method!r}")
         method = method.lower()
         granularity = METHODS[method] if granularity is None else granularity
-        if granularity not in ("weight", "neuron"):
-            raise ValueError(f"{who}: granularity must be 'weight' or 'neuron', got {granularity!r}")
         if sensitivity not in ("output", "loss"):
             raise ValueError(f"{who}: sensitivity must be 'output' or 'loss', got {sensitivity!r}")
         check_granularity(granularity, score_fn, who)
