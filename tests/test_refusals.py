@@ -382,6 +382,34 @@ def test_ddp_is_refused_with_what_to_do():
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.parametrize("where", ["root", "child"])
+def test_fsdp2_sharded_model_is_refused_with_what_to_do_and_left_alone(where):
+    # before the refusal, fully_shard'ed models failed inside tracing: "FSDP does not support deepcopy"
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is needed")
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("FSDP2 (fully_shard) is needed")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        model = _model()
+        target = model if where == "root" else next(m for m in model.modules() if isinstance(m, nn.Linear))
+        fsdp.fully_shard(target, mesh=init_device_mesh("cpu", (1,)))
+        def whole(t):
+            return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+        before = {k: whole(v).clone() for k, v in model.state_dict().items()}
+        with pytest.raises(TypeError, match=r"sharded with FSDP .*not supported.*DistributedDataParallel"):
+            lobster_fx.instrument(model)
+        after = model.state_dict()
+        assert all(torch.equal(before[k], whole(after[k])) for k in before)
+        assert not any("lobster" in type(m).__name__.lower() for m in model.modules())
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_torch_compile_wrapper_is_refused_with_what_to_do():
     with pytest.raises(TypeError, match=r"torch.compile wrapper \(OptimizedModule\).*torch.compile\(gm\)"):
         lobster_fx.instrument(torch.compile(_model()))

@@ -281,7 +281,8 @@ def instrument(model: nn.Module, *, filter_fn: FilterFn | None = None) -> Lobste
             rewrite correctly: a ``DistributedDataParallel`` / ``DataParallel`` /
             ``torch.compile`` wrapper (instrument the module, then wrap the result)
             or a ``torch.jit`` scripted / traced module (instrument the ``nn.Module``
-            before scripting).
+            before scripting), or a model sharded with FSDP (``fully_shard``,
+            ``FullyShardedDataParallel``: not supported; train with DDP).
         ValueError: no parameter is prunable, or one cannot be masked (the
             message names the module and the parameter), or a parameter is on the
             ``meta`` device (materialise the model first: its masks would have no data).
@@ -408,6 +409,29 @@ def instrument(model: nn.Module, *, filter_fn: FilterFn | None = None) -> Lobste
     return gm
 
 
+def _fsdp_module(model: nn.Module) -> str | None:
+    """A description of the first FSDP-sharded part of ``model`` (FSDP2 ``fully_shard``, an FSDP1
+    wrapper, or a DTensor parameter), else None."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    fsdp_types: tuple[type, ...] = ()
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+        fsdp_types = (FSDPModule, FullyShardedDataParallel)
+    except ImportError:  # an older torch without FSDP2: DTensor parameters still tell
+        pass
+    for name, mod in model.named_modules():
+        if fsdp_types and isinstance(mod, fsdp_types):
+            return f"module {name or '(the root)'!r} ({type(mod).__name__})"
+    for fqn, p in model.named_parameters():
+        if isinstance(p, DTensor):
+            return f"parameter {fqn!r} (a DTensor)"
+    return None
+
+
 def _refuse_unsupported(model: nn.Module) -> None:
     """TypeError / ValueError, before anything is traced or changed, for a model that
     ``instrument`` would mask wrongly or fail on with an obscure message."""
@@ -428,6 +452,15 @@ def _refuse_unsupported(model: nn.Module) -> None:
             "lobster_fx.graph.instrument got a torch.compile wrapper (OptimizedModule): instrument the module before "
             "compiling it (gm = lobster_fx.instrument(model), then torch.compile(gm)); the compiled wrapper "
             "would keep running the original, unmasked module"
+        )
+    fsdp = _fsdp_module(model)
+    if fsdp is not None:
+        # fully_shard swaps each parameter for a DTensor shard; tracing then deep-copies the module,
+        # which FSDP refuses with an AssertionError that does not say what to do
+        raise TypeError(
+            f"lobster_fx.instrument: {fsdp} is sharded with FSDP (fully_shard / FullyShardedDataParallel), "
+            "which is not supported: masks and the per-step rules need whole parameters. Instrument the "
+            "plain module and train it with DistributedDataParallel (see examples/ddp_torchrun.py)"
         )
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError(
