@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -36,9 +36,29 @@ __all__ = ["CHOICES", "METHODS", "OPTIMIZERS", "RESUMABLE_CHANGES", "TrainConfig
 METHODS = {"lobster": "weight", "serene": "neuron"}
 #: ``TrainConfig.optimizer`` values
 OPTIMIZERS = ("sgd", "adamw")
-#: the fields that take one of a fixed set of values (the command line offers them as choices)
-CHOICES: dict[str, tuple[str, ...]] = {"method": tuple(METHODS), "sensitivity": ("output", "loss"),
-                                       "optimizer": OPTIMIZERS, "unit_score": tuple(UNIT_SCORES)}
+
+
+class _Choices(Mapping):
+    """Field -> allowed values, read when asked: a unit score a user adds to ``UNIT_SCORES`` after
+    import is a valid ``TrainConfig.unit_score`` (and a command-line choice) from then on."""
+
+    _fixed = {"method": tuple(METHODS), "sensitivity": ("output", "loss"), "optimizer": OPTIMIZERS}
+
+    def __getitem__(self, name: str) -> tuple[str, ...]:
+        return tuple(UNIT_SCORES) if name == "unit_score" else self._fixed[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter((*self._fixed, "unit_score"))
+
+    def __len__(self) -> int:
+        return len(self._fixed) + 1
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+#: the fields that take one of a set of values (the command line offers them as choices)
+CHOICES: Mapping[str, tuple[str, ...]] = _Choices()
 #: TrainConfig fields a resumed run may change: how long, where and how fast it runs, and what it
 #: prints. Every other field defines the run (its data, model or arithmetic), and a resume that
 #: changes one is refused. ``threads`` can change float rounding in some kernels, like resuming on

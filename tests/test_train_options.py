@@ -101,6 +101,17 @@ def test_older_checkpoints_count_as_sgd_and_image_options_only_matter_for_image_
         _check_resume(folder, TrainConfig(dataset="imagefolder:photos", val_fraction=0.3), "ckpt")
 
 
+def test_a_unit_score_registered_after_import_is_a_valid_choice(monkeypatch):
+    from lobster_fx.pruning.neuron import UNIT_SCORES
+    from lobster_fx.train_config import CHOICES
+
+    with pytest.raises(ValueError, match="unknown unit_score 'l1'"):
+        TrainConfig(**BASE, method="serene", unit_score="l1")
+    monkeypatch.setitem(UNIT_SCORES, "l1", lambda unit, w: w.abs().flatten(1).sum(1))
+    assert TrainConfig(**BASE, method="serene", unit_score="l1").unit_score == "l1"
+    assert "l1" in CHOICES["unit_score"] and "l1" in dict(CHOICES)["unit_score"]
+
+
 def test_resume_with_another_optimizer_is_refused(tmp_path):
     out = tmp_path / "run"
     train(TrainConfig(**BASE, out_dir=str(out)))
