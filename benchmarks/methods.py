@@ -30,6 +30,8 @@ Usage:
   python benchmarks/methods.py run --setting lenet300-mnist --method dense --minutes 10
   python benchmarks/methods.py run --setting lenet300-mnist --method serene-output --minutes 20
   python benchmarks/methods.py run --setting lenet300-mnist --method torch-pruning   # after serene-output
+  python benchmarks/methods.py run --setting lenet300-mnist --method lobster --twt 0.2 --tag twt0.2
+                                             # a variant: folder lenet300-mnist-lobster@twt0.2
   python benchmarks/methods.py summarize     # methods.json, methods.md, methods-<setting>.png
 
 Results: ``benchmarks/results/methods/<setting>-<method>/``: record.json (the run's per-epoch
@@ -309,6 +311,8 @@ def _config(setting: str, method: str, args: argparse.Namespace, out: Path, epoc
     from lobster_fx.train import TrainConfig
 
     model, dataset, twt, _ = SETTINGS[setting]
+    if getattr(args, "twt", None) is not None:
+        twt = args.twt
     fields = dict(METHODS[method]) if method != "torch-pruning" else {"lmbda": 0.0}
     if getattr(args, "lmbda", None) is not None and method not in ("dense", "torch-pruning"):
         fields["lmbda"] = args.lmbda
@@ -323,7 +327,7 @@ def run(setting: str, method: str, args: argparse.Namespace) -> None:
     from lobster_fx.train import train
 
     torch.set_num_threads(args.threads)
-    name = f"{setting}-{method}"
+    name = f"{setting}-{method}" + (f"@{args.tag}" if args.tag else "")
     runs = Path(args.results_dir) / "methods"
     out = runs / name
     out.mkdir(parents=True, exist_ok=True)
@@ -368,6 +372,18 @@ def run(setting: str, method: str, args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- summarize
 
 
+def _run_labels(runs_dir: Path, setting: str) -> list[str]:
+    """The finished runs of ``setting``: method names in :data:`METHODS` order, each followed by its
+    tagged variants (``serene-output@twt0.2``: a run made with ``--tag twt0.2``)."""
+    labels = []
+    for method in METHODS:
+        tagged = sorted(p.parent.name.removeprefix(f"{setting}-")
+                        for p in runs_dir.glob(f"{setting}-{method}@*/record.json"))
+        plain = [method] if (runs_dir / f"{setting}-{method}" / "record.json").exists() else []
+        labels += plain + tagged
+    return labels
+
+
 def _select(index: dict[str, dict[str, Any]], max_val_error: float | None) -> dict[str, Any] | None:
     ok = [s for s in index.values() if max_val_error is None or s["val_error"] <= max_val_error]
     return min(ok, key=lambda s: (s["macs"], s["val_error"])) if ok else None
@@ -399,11 +415,8 @@ def summarize(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="lobster_methods_"))
     try:
         for setting in SETTINGS:
-            recs = {}
-            for method in METHODS:
-                p = runs_dir / f"{setting}-{method}" / "record.json"
-                if p.exists():
-                    recs[method] = json.loads(p.read_text())
+            recs = {m: json.loads((runs_dir / f"{setting}-{m}" / "record.json").read_text())
+                    for m in _run_labels(runs_dir, setting)}
             if not recs:
                 continue
             indexes = {m: json.loads((runs_dir / f"{setting}-{m}" / "snapshots" / "index.json").read_text())
@@ -484,14 +497,16 @@ def summarize(args: argparse.Namespace) -> None:
 def _targets(setting: str, chosen: dict[str, Any], indexes: dict[str, Any], tol: float) -> list[str]:
     """The issue's targets for one setting, each stated with its figures, met or not."""
     out = [""]
-    d, lob = chosen.get("dense"), chosen.get("lobster")
-    for m in ("serene-output", "serene-loss"):
-        s = chosen.get(m)
-        if s is None:
+    d = chosen.get("dense")
+    for m, s in chosen.items():
+        method, _, tag = m.partition("@")
+        if method not in ("serene-output", "serene-loss"):
             continue
+        lob = chosen.get("lobster" + (f"@{tag}" if tag else ""))  # the same procedure (tag) as this run
         if lob:
             r = lob["macs"] / s["macs"]
-            out.append(f"- {setting}: {m} has {r:.2f}x fewer live MACs than lobster (target >= 3x): "
+            out.append(f"- {setting}: {m} has {r:.2f}x fewer live MACs than lobster{'@' + tag if tag else ''} "
+                       "(target >= 3x): "
                        f"**{'met' if r >= 3 else 'not met'}**.")
         if d and setting != "resnet32-fashion":
             r = d["macs"] / s["macs"]
@@ -535,6 +550,12 @@ def _plot(plt: Any, setting: str, indexes: dict[str, Any], chosen: dict[str, Any
     plt.close(fig)
 
 
+def _tag(text: str) -> str:
+    if not text or not all(c.isalnum() or c in ".-_" for c in text):
+        raise argparse.ArgumentTypeError(f"a tag is letters, digits and . - _ only, got {text!r}")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results-dir", default=str(RESULTS), help="where methods/, methods.json/.md/.png go")
@@ -547,6 +568,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="epoch cap (default: the setting's; torch-pruning: the serene-output run's epoch count)")
     r.add_argument("--pwe", type=int, default=20, help="plateau waiting epochs (our methods)")
     r.add_argument("--lmbda", type=float, default=None, help="override the method's lambda (recorded in record.json)")
+    r.add_argument("--twt", type=float, default=None,
+                   help="override the setting's loss tolerance per pruning phase (recorded in record.json)")
+    r.add_argument("--tag", default=None, type=_tag,
+                   help="a variant's run folder <setting>-<method>@<tag> (e.g. twt0.2 with --twt 0.2); summarize "
+                        "lists it beside the untagged run and compares it with lobster@<tag>")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--data-root", default=str(DATA_ROOT))
