@@ -53,6 +53,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,7 @@ from torch import nn
 
 from lobster_fx.graph.instrument import masked_parameters
 from lobster_fx.graph.taps import Unit, find_units
+from lobster_fx.pruning.unit_groups import UnitGroups, slim_unit_groups
 
 __all__ = ["UNIT_SCORES", "UnitPlan", "relative_norm", "resolve_score", "weight_norm"]
 
@@ -158,14 +160,29 @@ def _norm_entries(gm: nn.Module, path: str, masked: dict[tuple[str, str], tuple]
     return out
 
 
+@dataclass
+class _Cluster:
+    """Units pruned as one: a single layer's units, or the coupled layers of a residual group
+    (channel ``k`` of every member at once). Scores are the members' mean."""
+
+    members: list[_Layer]
+    scores: torch.Tensor  # float64[count], on the CPU
+    live: torch.Tensor  # bool[count], on the CPU: some member's unit is live
+
+
 class UnitPlan:
     """The units of ``gm``, their scores, and how to prune those scored ``<= threshold``.
 
     Used by :func:`lobster_fx.prune`: :meth:`candidates`, then :meth:`apply` per evaluated
     threshold, :meth:`restore` on error, :meth:`commit` of the chosen threshold (masks cleared).
+
+    With ``example_inputs`` slim's analysis runs on them
+    (:func:`lobster_fx.pruning.unit_groups.slim_unit_groups`): units that slim removes only
+    together are pruned together; units slim cannot remove are not candidates (:attr:`skipped`
+    names their layers, with slim's reason). Without them every unit stands alone.
     """
 
-    def __init__(self, gm: nn.Module, score_fn: Any = None) -> None:
+    def __init__(self, gm: nn.Module, score_fn: Any = None, example_inputs: Any = None) -> None:
         skipped: dict[str, str] = {}
         units = [u for u in find_units(gm, skipped=skipped).values() if not u.feeds_output]
         if not units:
@@ -192,31 +209,63 @@ class UnitPlan:
             if not bool(torch.isfinite(scores[live.cpu()]).all()):
                 raise ValueError(f"prune: score_fn returned a non-finite score for a live unit of layer {unit.name!r}")
             self.layers.append(_Layer(unit, w, wm, b, bm, norm, live, scores))
+        self.skipped: dict[str, str] = {}  #: layer name -> why its units are not candidates
+        groups = None if example_inputs is None else self._slim_groups(gm, example_inputs)
+        self.clusters = self._clusters(groups)
         self._tensors = [t for layer in self.layers for t in (layer.weight, layer.bias, *(p for p, _ in layer.norm))
                          if t is not None]
         self._tensors = list({id(t): t for t in self._tensors}.values())
         self._originals = [t.detach().clone() for t in self._tensors]
 
+    def _slim_groups(self, gm: nn.Module, example_inputs: Any) -> UnitGroups | None:
+        try:
+            return slim_unit_groups(gm, example_inputs, units=[layer.unit.weight for layer in self.layers])
+        except Exception as e:  # noqa: BLE001 - any failure: prune as before, and say so
+            first = (str(e).strip().splitlines() or [""])[0]
+            warnings.warn(f"prune: slim's analysis failed on the example inputs ({type(e).__name__}: {first}); every "
+                          "unit is pruned on its own, including units slim cannot remove", stacklevel=4)
+            return None
+
+    def _clusters(self, groups: UnitGroups | None) -> list[_Cluster]:
+        by_weight = {layer.unit.weight: layer for layer in self.layers}
+        blocked = groups.blocked if groups is not None else {}
+        coupled = [[by_weight[w] for w in ws if w in by_weight] for ws in (groups.coupled if groups else [])]
+        coupled = [c for c in coupled if len(c) > 1 and len({m.unit.count for m in c}) == 1]
+        in_coupled = {id(m) for c in coupled for m in c}
+        out = []
+        for layer in self.layers:
+            if layer.unit.weight in blocked:
+                self.skipped[layer.unit.name] = blocked[layer.unit.weight]
+            elif id(layer) not in in_coupled:
+                out.append(_Cluster([layer], layer.scores, layer.live.cpu()))
+        for members in coupled:
+            scores = torch.stack([m.scores for m in members]).mean(0)
+            live = torch.stack([m.live.cpu() for m in members]).any(0)
+            out.append(_Cluster(members, scores, live))
+        return out
+
     def candidates(self) -> torch.Tensor:
         """The distinct scores of the live units, sorted."""
-        live = [layer.scores[layer.live.cpu()] for layer in self.layers]
+        live = [c.scores[c.live] for c in self.clusters]
         return torch.unique(torch.cat(live)) if live else torch.empty(0, dtype=torch.float64)
 
-    def _pruned(self, layer: _Layer, threshold: float) -> torch.Tensor:
-        return (layer.scores <= threshold) & layer.live.cpu()
+    def _pruned(self, cluster: _Cluster, threshold: float) -> torch.Tensor:
+        return (cluster.scores <= threshold) & cluster.live
 
     def apply(self, threshold: float) -> None:
         """The model with the live units scored ``<= threshold`` zeroed (masks untouched)."""
         self.restore()
-        for layer in self.layers:
-            rows = self._pruned(layer, threshold).to(layer.weight.device)
-            if not bool(rows.any()):
+        for cluster in self.clusters:
+            rows_cpu = self._pruned(cluster, threshold)
+            if not bool(rows_cpu.any()):
                 continue
-            layer.weight[rows] = 0
-            if layer.bias is not None:
-                layer.bias[rows.to(layer.bias.device)] = 0
-            for p, _ in layer.norm:
-                p[rows.to(p.device)] = 0
+            for layer in cluster.members:
+                rows = rows_cpu.to(layer.weight.device)
+                layer.weight[rows] = 0
+                if layer.bias is not None:
+                    layer.bias[rows.to(layer.bias.device)] = 0
+                for p, _ in layer.norm:
+                    p[rows.to(p.device)] = 0
 
     def restore(self) -> None:
         for t, o in zip(self._tensors, self._originals):
@@ -226,23 +275,26 @@ class UnitPlan:
         """Prune for good: masks cleared (unmasked BatchNorm entries zeroed); returns the counts."""
         self.restore()
         pruned = units_pruned = 0
-        for layer in self.layers:
-            rows = self._pruned(layer, threshold)
-            units_pruned += int(rows.sum())
-            layer.live = layer.live & ~rows.to(layer.live.device)
-            if not bool(rows.any()):
+        for cluster in self.clusters:
+            cluster_rows = self._pruned(cluster, threshold)
+            cluster.live = cluster.live & ~cluster_rows
+            if not bool(cluster_rows.any()):
                 continue
-            targets = [(layer.weight, layer.weight_mask), (layer.bias, layer.bias_mask), *layer.norm]
-            for p, mask in targets:
-                if p is None:
-                    continue
-                r = rows.to(p.device)
-                if mask is None:
-                    p[r] = 0
-                    continue
-                pruned += int(mask[r].ne(0).sum())
-                mask[r] = 0
-                p.mul_(mask)
+            for layer in cluster.members:
+                rows = cluster_rows & layer.live.cpu()
+                units_pruned += int(rows.sum())
+                layer.live = layer.live & ~rows.to(layer.live.device)
+                targets = [(layer.weight, layer.weight_mask), (layer.bias, layer.bias_mask), *layer.norm]
+                for p, mask in targets:
+                    if p is None:
+                        continue
+                    r = cluster_rows.to(p.device)
+                    if mask is None:
+                        p[r] = 0
+                        continue
+                    pruned += int(mask[r].ne(0).sum())
+                    mask[r] = 0
+                    p.mul_(mask)
         return {
             "pruned": pruned,
             "units_pruned": units_pruned,

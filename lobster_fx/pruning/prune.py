@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -65,6 +66,9 @@ class PruneResult:
     units_pruned: int = 0  #: units pruned by this phase ("neuron")
     units_remaining: int = 0  #: live units after it ("neuron")
     units_total: int = 0  #: units of the layers found ("neuron")
+    #: units left out because slim cannot remove them ("neuron" with ``slim_aware``; see
+    #: :mod:`lobster_fx.pruning.unit_groups`)
+    units_skipped: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -187,6 +191,8 @@ def prune(
     loss_before: float | None = None,
     sync_distributed: bool = True,
     precision: float = 0.0,
+    slim_aware: bool = True,
+    example_inputs: Any = None,
 ) -> PruneResult:
     """Run one pruning phase on an instrumented module.
 
@@ -215,6 +221,16 @@ def prune(
             ``precision`` x (live candidates) fewer than the exact search, and
             needs about ``log2(1 / precision)`` evaluations instead of
             ``log2(live candidates)``.
+        slim_aware: with ``"neuron"``, ask slim's analysis which units it can remove
+            (:mod:`lobster_fx.pruning.unit_groups`): units whose outputs are added (a
+            residual stage) are pruned together, channel ``k`` of all of them at once,
+            scored by their mean score; units slim cannot remove (a channel group
+            frozen by an op slim does not slice) are not candidates, so the tolerance
+            is spent where slim turns it into speed. ``False``: every unit alone.
+        example_inputs: the inputs slim's analysis runs the model on (as
+            :func:`lobster_fx.slim` takes them). Default: the inputs of the model's first
+            forward in ``evaluate(model)``, which is stopped there (not a full evaluation).
+            If the analysis fails, a warning says why and every unit stands alone.
 
     Returns:
         A :class:`PruneResult`. On error (NaN loss, bad ``twt``) the model is
@@ -239,17 +255,26 @@ def prune(
         loss = _checked_loss(evaluate, gm, what)
         return _all_reduce_mean(loss) if sync_distributed else loss
 
-    if granularity == "neuron":
-        from lobster_fx.pruning.neuron import UnitPlan
-
-        plan: Any = UnitPlan(gm, score_fn)
-    else:
-        plan = _WeightPlan(gm)
+    slim_aware = check_flag(slim_aware, "slim_aware", "prune")
+    plan: Any = None
     evaluations = 0
     try:
+        capture = granularity == "neuron" and slim_aware and example_inputs is None
         if loss_before is None:
-            loss_before = loss_of("before pruning")
+            with _FirstInputs(gm, stop=False) if capture else contextlib.nullcontext() as first:
+                loss_before = loss_of("before pruning")
             evaluations += 1
+        elif capture:
+            with _FirstInputs(gm, stop=True) as first:
+                evaluate(gm)  # stopped at the model's first forward: not an evaluation
+        if capture:
+            example_inputs = first.inputs
+        if granularity == "neuron":
+            from lobster_fx.pruning.neuron import UnitPlan
+
+            plan = UnitPlan(gm, score_fn, example_inputs=example_inputs if slim_aware else None)
+        else:
+            plan = _WeightPlan(gm)
         bound = loss_before + twt * abs(loss_before)
         candidates = plan.candidates()
 
@@ -266,7 +291,8 @@ def prune(
             else:
                 hi = mid
     except BaseException:
-        plan.restore()
+        if plan is not None:
+            plan.restore()
         raise
     finally:
         for m, t in modes:
@@ -280,8 +306,37 @@ def prune(
     entries = list(masked_parameters(gm))
     total = sum(mask.numel() for _, _, mask in entries)
     remaining = sum(int((mask != 0).sum()) for _, _, mask in entries)
+    if granularity == "neuron":
+        counts["units_skipped"] = sum(layer.unit.count for layer in plan.layers if layer.unit.name in plan.skipped)
     return PruneResult(threshold, loss_before, loss_lo, bound, evaluations, counts.pop("pruned"), remaining, total,
                        granularity, **counts)
+
+
+class _Captured(BaseException):
+    """Stops ``evaluate`` at the model's first forward (a BaseException: ``except Exception``
+    in a user's evaluate does not swallow it)."""
+
+
+class _FirstInputs:
+    """Keeps the inputs of ``gm``'s first forward in the block as ``(*args, kwargs)`` (:attr:`inputs`,
+    None if there was none); with ``stop``, that forward is stopped and the block ends there."""
+
+    def __init__(self, gm: nn.Module, stop: bool) -> None:
+        self.gm, self.stop, self.inputs = gm, stop, None
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.inputs is None:
+            self.inputs = (*args, dict(kwargs))
+            if self.stop:
+                raise _Captured
+
+    def __enter__(self) -> _FirstInputs:
+        self.handle = self.gm.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, kind: Any, value: Any, tb: Any) -> bool:
+        self.handle.remove()
+        return kind is _Captured
 
 
 def check_granularity(granularity: Any, score_fn: Any, who: str) -> str:

@@ -1,0 +1,180 @@
+"""Neuron pruning asks slim: residual channels pruned together, unremovable units left alone."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lobster_fx
+from lobster_fx.models import ResNet32
+from lobster_fx.pruning.neuron import UnitPlan
+from lobster_fx.pruning.unit_groups import slim_unit_groups
+
+
+class _ResBlockNet(nn.Module):
+    """A stem, one residual block (identity skip) and a block with a conv shortcut, BatchNorm everywhere:
+    channels of ``stem`` and ``b1.c2`` are added; so are those of ``b2.c2`` and ``b2.short``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(2, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.b1c1, self.b1n1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.b1c2, self.b1n2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.b2c1, self.b2n1 = nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.b2c2, self.b2n2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.short, self.shortn = nn.Conv2d(8, 8, 1, stride=2, bias=False), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.bn0(self.stem(x)))
+        h = torch.relu(h + self.b1n2(self.b1c2(torch.relu(self.b1n1(self.b1c1(h))))))
+        h = torch.relu(self.shortn(self.short(h)) + self.b2n2(self.b2c2(torch.relu(self.b2n1(self.b2c1(h))))))
+        return self.fc(h.mean((2, 3)))
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    model = _ResBlockNet()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    return lobster_fx.instrument(model.eval())
+
+
+def _evaluate(x, y, calls=None):
+    def evaluate(m):
+        if calls is not None:
+            calls.append("call")
+        m.eval()
+        with torch.no_grad():
+            out = m(x)
+        if calls is not None:
+            calls.append("done")
+        return 1.0 + float(nn.functional.mse_loss(out, y) / y.var())
+    return evaluate
+
+
+def test_slim_groups_of_a_residual_net():
+    gm = _model()
+    groups = slim_unit_groups(gm, torch.randn(2, 2, 8, 8))
+    assert groups.coupled == [["b1c2.weight", "stem.weight"], ["b2c2.weight", "short.weight"]]
+    assert set(groups.blocked) == {"fc.weight"} and "graph output" in groups.blocked["fc.weight"]
+
+
+def test_coupled_units_share_the_members_mean_score():
+    gm = _model()
+    plan = UnitPlan(gm, example_inputs=torch.randn(2, 2, 8, 8))
+    by_members = {tuple(sorted(m.unit.name for m in c.members)): c for c in plan.clusters}
+    assert set(by_members) == {("b1c1",), ("b2c1",), ("b1c2", "stem"), ("b2c2", "short")}
+    masks = lobster_fx.masks(gm)
+    for names, cluster in by_members.items():
+        # by hand: each layer's L2 row norms over their mean, averaged over the coupled layers
+        per_layer = []
+        for name in names:
+            w = (gm.get_parameter(f"{name}.weight") * masks[f"{name}.weight"]).detach().flatten(1).double()
+            norms = w.norm(dim=1)
+            per_layer.append(norms / norms.mean())
+        assert torch.allclose(cluster.scores, torch.stack(per_layer).mean(0))
+    assert plan.skipped == {}  # fc feeds the output: never a unit to begin with
+
+
+@pytest.mark.parametrize("twt", [0.05, 0.3])
+def test_residual_channels_are_pruned_together_and_slim_removes_them(twt):
+    gm = _model()
+    x = torch.randn(16, 2, 8, 8)
+    with torch.no_grad():
+        y = gm(x)
+        # channel 3 of the first stage is cheap in both addends, channel 5 only in the stem
+        for name in ("stem", "b1c2"):
+            gm.get_parameter(f"{name}.weight")[3] *= 1e-3
+        gm.get_parameter("stem.weight")[5] *= 1e-3
+    result = lobster_fx.prune(gm, _evaluate(x, y), twt, granularity="neuron")
+    assert result.units_pruned > 0 and result.units_skipped == 0
+    dead = {n: lobster_fx.masks(gm)[f"{n}.weight"].flatten(1).eq(0).all(1) for n in ("stem", "b1c2", "b2c2", "short")}
+    assert torch.equal(dead["stem"], dead["b1c2"]) and torch.equal(dead["b2c2"], dead["short"])
+    assert bool(dead["stem"][3])
+    # slim deletes every pruned residual channel: the stage's width is the live count, outputs within 1e-5
+    slim = lobster_fx.slim(lobster_fx.fold(gm), x, channel_multiple=1)
+    live = int((~dead["stem"]).sum())
+    assert slim.get_parameter("stem.weight").shape[0] == live
+    assert slim.get_parameter("b1c2.weight").shape[0] == live
+    assert slim.get_parameter("b1c1.weight").shape[1] == live
+    assert slim.get_parameter("short.weight").shape[0] == int((~dead["short"]).sum())
+    assert torch.allclose(slim(x), gm(x), atol=1e-5)
+
+
+def test_without_slim_aware_a_residual_channel_is_pruned_in_one_addend_only():
+    gm = _model()
+    x = torch.randn(16, 2, 8, 8)
+    with torch.no_grad():
+        y = gm(x)
+        gm.get_parameter("stem.weight")[5] *= 1e-3
+    lobster_fx.prune(gm, _evaluate(x, y), 0.02, granularity="neuron", slim_aware=False)
+    masks = lobster_fx.masks(gm)
+    assert bool(masks["stem.weight"][5].eq(0).all()) and not bool(masks["b1c2.weight"][5].eq(0).all())
+    # and slim can remove nothing of it: the channel lives on through the skip
+    slim = lobster_fx.slim(lobster_fx.fold(gm), x, channel_multiple=1)
+    assert slim.get_parameter("stem.weight").shape[0] == 8
+
+
+def test_option_a_shortcuts_freeze_the_residual_channels_so_only_inner_units_are_pruned():
+    torch.manual_seed(0)
+    gm = lobster_fx.instrument(ResNet32(in_channels=1).eval())
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        y = gm(x)
+    before = {k: v.clone() for k, v in lobster_fx.masks(gm).items()}
+    result = lobster_fx.prune(gm, _evaluate(x, y), 0.5, granularity="neuron")
+    residual = ["conv1"] + [f"layer{s}.{b}.conv2" for s in (1, 2, 3) for b in range(5)]
+    assert result.units_skipped == 16 * 6 + 32 * 5 + 64 * 5
+    after = lobster_fx.masks(gm)
+    for name in residual:  # slim cannot remove them: untouched
+        assert torch.equal(after[f"{name}.weight"], before[f"{name}.weight"]), name
+    inner = [f"layer{s}.{b}.conv1.weight" for s in (1, 2, 3) for b in range(5)]
+    assert result.units_pruned == sum(int(after[k].flatten(1).eq(0).all(1).sum()) for k in inner) > 0
+
+
+def test_the_inputs_come_from_evaluate_and_a_known_loss_costs_one_stopped_call():
+    gm = _model()
+    x = torch.randn(8, 2, 8, 8)
+    with torch.no_grad():
+        y = gm(x)
+    calls = []
+    r = lobster_fx.prune(gm, _evaluate(x, y, calls), 0.05, granularity="neuron")
+    assert calls.count("call") == calls.count("done") == r.evaluations  # captured on the way, no extra call
+    gm = _model()
+    calls = []
+    r = lobster_fx.prune(gm, _evaluate(x, y, calls), 0.05, granularity="neuron", loss_before=1.0)
+    # one more call, stopped at the model's forward (never "done"), before the search
+    assert calls[:2] == ["call", "call"] and calls.count("done") == r.evaluations
+    calls = []
+    lobster_fx.prune(_model(), _evaluate(x, y, calls), 0.05, granularity="neuron", loss_before=1.0,
+                     example_inputs=x)
+    assert calls.count("call") == calls.count("done")
+
+
+def test_analysis_failure_warns_and_every_unit_stands_alone():
+    gm = _model()
+    x = torch.randn(8, 2, 8, 8)
+    with torch.no_grad():
+        y = gm(x)
+    with pytest.warns(UserWarning, match="slim's analysis failed.*every unit is pruned on its own"):
+        plan = UnitPlan(gm, example_inputs=torch.randn(2, 5, 8, 8))  # wrong channel count
+    assert all(len(c.members) == 1 for c in plan.clusters) and len(plan.clusters) == 6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = lobster_fx.prune(gm, _evaluate(x, y), 0.05, granularity="neuron", example_inputs=x)
+    assert r.units_total == 48
+
+
+def test_a_custom_score_is_averaged_over_coupled_layers():
+    gm = _model()
+    plan = UnitPlan(gm, lambda unit, w: torch.arange(unit.count, dtype=torch.float32) + len(unit.name),
+                    example_inputs=torch.randn(2, 2, 8, 8))
+    pair = next(c for c in plan.clusters if {m.unit.name for m in c.members} == {"b2c2", "short"})
+    assert torch.equal(pair.scores, torch.arange(8, dtype=torch.float64) + (4 + 5) / 2)
