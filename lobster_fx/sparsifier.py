@@ -79,6 +79,8 @@ class Sparsifier:
         fused: LOBSTER's ``fused`` option (compiled kernels).
         reuse_val_loss: the loss given to :meth:`step` is exactly what ``evaluate`` returns, so
             the search reuses the best one after a rollback (one evaluation fewer).
+        slim_aware: ``"neuron"`` phases ask slim which units it can remove (residual channels
+            pruned together, units slim cannot remove left alone; see :func:`lobster_fx.prune`).
 
     Raises:
         ValueError / TypeError: a bad option, naming it (nothing is built).
@@ -102,6 +104,7 @@ class Sparsifier:
         filter_fn: FilterFn | None = None,
         fused: bool | None = None,
         reuse_val_loss: bool = False,
+        slim_aware: bool = True,
     ) -> None:
         who = "Sparsifier"
         if evaluate is not None:
@@ -131,6 +134,7 @@ class Sparsifier:
             "every_n_iterations": None if every_n_iterations is None
             else check_int(every_n_iterations, "every_n_iterations", who, minimum=1),
             "reuse_val_loss": check_flag(reuse_val_loss, "reuse_val_loss", who),
+            "slim_aware": check_flag(slim_aware, "slim_aware", who),
         }
         self.evaluate = evaluate
         self.filter_fn = filter_fn
@@ -185,7 +189,7 @@ class Sparsifier:
             self.gm, evaluate, twt=o["twt"], pwe=o["pwe"], rollback=o["rollback"],
             every_n_iterations=o["every_n_iterations"], threshold=o["threshold"],
             reuse_val_loss=o["reuse_val_loss"], search_precision=o["search_precision"], optimizer=optimizer,
-            granularity=o["granularity"], score_fn=self.score_fn,
+            granularity=o["granularity"], score_fn=self.score_fn, slim_aware=o["slim_aware"],
         )
         rule = self._make_rule(optimizer)
         if self._pending is not None:

@@ -178,3 +178,32 @@ def test_a_custom_score_is_averaged_over_coupled_layers():
                     example_inputs=torch.randn(2, 2, 8, 8))
     pair = next(c for c in plan.clusters if {m.unit.name for m in c.members} == {"b2c2", "short"})
     assert torch.equal(pair.scores, torch.arange(8, dtype=torch.float64) + (4 + 5) / 2)
+
+
+def test_slim_aware_is_a_setting_of_the_schedule_and_the_sparsifier():
+    gm = _model()
+    x = torch.randn(8, 2, 8, 8)
+    with torch.no_grad():
+        y = gm(x)
+    off = lobster_fx.PlateauPruner(gm, _evaluate(x, y), granularity="neuron", slim_aware=False)
+    on = lobster_fx.PlateauPruner(gm, _evaluate(x, y), granularity="neuron")
+    assert on.slim_aware and not off.slim_aware
+    on.load_state_dict(off.state_dict())
+    assert on.slim_aware is False
+    old = off.state_dict()
+    del old["slim_aware"]  # a checkpoint from before the setting: the pruner keeps its own
+    fresh = lobster_fx.PlateauPruner(gm, _evaluate(x, y), granularity="neuron")
+    fresh.load_state_dict(old)
+    assert fresh.slim_aware is True
+    with pytest.raises(TypeError, match="slim_aware"):
+        lobster_fx.PlateauPruner(gm, _evaluate(x, y), slim_aware="yes")
+    sparsifier = lobster_fx.Sparsifier(_evaluate(x, y), method="serene", twt=0.02, slim_aware=False)
+    sparsifier.prepare(gm)
+    sparsifier.attach(torch.optim.SGD(gm.parameters(), lr=0.01))
+    assert sparsifier.pruner.slim_aware is False and sparsifier.state_dict()["options"]["slim_aware"] is False
+    # and the phase it runs prunes the stem alone when that is what the scores say
+    with torch.no_grad():
+        gm.get_parameter("stem.weight")[5] *= 1e-3
+    sparsifier.pruner.action(gm, _evaluate(x, y))
+    masks = lobster_fx.masks(gm)
+    assert bool(masks["stem.weight"][5].eq(0).all()) and not bool(masks["b1c2.weight"][5].eq(0).all())

@@ -22,6 +22,14 @@ bias is unmasked; only live units are candidates. Units whose output is the grap
 (the logits of a classifier) are never pruned: slim keeps output shapes. Masked parameters that
 belong to no unit (embeddings, attention, raw matmul weights) are left as they are.
 
+Which units are candidates is slim's call: with example inputs (``prune`` takes them from the
+model's first forward inside ``evaluate``) slim's own analysis
+(:mod:`lobster_fx.pruning.unit_groups`) says which units it removes only together (layers whose
+outputs are added: a residual stage) and which it cannot remove at all. The former are pruned as
+one, channel ``k`` of every member, scored by the members' mean score; the latter are left alone
+(:attr:`UnitPlan.skipped`). Pruning a residual channel in one block only would spend the
+tolerance on a unit that ``slim`` must keep.
+
 Scores: ``score_fn(unit, weight)`` gets the :class:`~lobster_fx.graph.taps.Unit` and the layer's
 masked weight (a detached tensor) and returns ``unit.count`` finite scores; or a name from
 :data:`UNIT_SCORES` (users may add their own). One threshold for all layers, so the scores must

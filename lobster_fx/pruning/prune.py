@@ -364,17 +364,20 @@ class PruneAction:
     """
 
     def __init__(self, twt: float = 0.05, *, granularity: str = "weight", score_fn: ScoreFn | None = None,
-                 precision: float = 0.0, sync_distributed: bool = True, who: str = "PruneAction") -> None:
+                 precision: float = 0.0, sync_distributed: bool = True, slim_aware: bool = True,
+                 who: str = "PruneAction") -> None:
         self.twt = check_real(twt, "twt", who, minimum=0)
         self.granularity = check_granularity(granularity, score_fn, who)
         self.score_fn = score_fn
         self.precision = check_real(precision, "search_precision" if who == "PlateauPruner" else "precision", who,
                                     minimum=0, below=1)
         self.sync_distributed = check_flag(sync_distributed, "sync_distributed", who)
+        self.slim_aware = check_flag(slim_aware, "slim_aware", who)
 
     def __call__(self, gm: nn.Module, evaluate: Evaluate, loss_before: float | None = None) -> PruneResult:
         return prune(gm, evaluate, self.twt, granularity=self.granularity, score_fn=self.score_fn,
-                     loss_before=loss_before, sync_distributed=self.sync_distributed, precision=self.precision)
+                     loss_before=loss_before, sync_distributed=self.sync_distributed, precision=self.precision,
+                     slim_aware=self.slim_aware)
 
     def __repr__(self) -> str:
         return f"PruneAction(twt={self.twt:g}, granularity={self.granularity!r}, precision={self.precision:g})"

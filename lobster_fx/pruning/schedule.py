@@ -77,6 +77,9 @@ class PlateauPruner:
         score_fn: the unit score of ``"neuron"`` phases: a name from
             :data:`~lobster_fx.pruning.neuron.UNIT_SCORES` or a callable (default
             ``"relative-norm"``: each unit's weight norm over its layer's mean).
+        slim_aware: ``"neuron"`` phases ask slim which units it can remove: residual
+            channels pruned together, units slim cannot remove left alone (see
+            :func:`lobster_fx.prune`). ``False``: every unit alone.
 
     ``trigger`` and ``action`` hold the decision and the pruning settings; the
     attributes ``twt``, ``pwe``, ``threshold``, ``every_n_iterations``, ``best``,
@@ -104,6 +107,7 @@ class PlateauPruner:
         sync_distributed: bool = True,
         granularity: str = "weight",
         score_fn: ScoreFn | None = None,
+        slim_aware: bool = True,
     ) -> None:
         who = "PlateauPruner"
         check_evaluate(evaluate, who)
@@ -138,13 +142,14 @@ class PlateauPruner:
             self._plateau if every_n_iterations is None else EveryNIterations(every_n_iterations))
         #: what to prune
         self.action = PruneAction(twt, granularity=granularity, score_fn=score_fn, precision=search_precision,
-                                  sync_distributed=sync_distributed, who=who)
+                                  sync_distributed=sync_distributed, slim_aware=slim_aware, who=who)
 
     # settings and counters, read from the trigger and the action
     twt = property(lambda self: self.action.twt)
     search_precision = property(lambda self: self.action.precision)
     granularity = property(lambda self: self.action.granularity)
     score_fn = property(lambda self: self.action.score_fn)
+    slim_aware = property(lambda self: self.action.slim_aware)
     pwe = property(lambda self: self._plateau.pwe)
     threshold = property(lambda self: self._plateau.threshold)
     best = property(lambda self: self.trigger.best)
@@ -256,6 +261,7 @@ class PlateauPruner:
             "reuse_val_loss": self.reuse_val_loss,
             "search_precision": self.search_precision,
             "granularity": self.granularity,
+            "slim_aware": self.slim_aware,
             "best": self.best,
             "bad_epochs": self.bad_epochs,
             "calls": self.calls,
@@ -284,8 +290,10 @@ class PlateauPruner:
         reuse_val_loss = check_flag(state.get("reuse_val_loss", self.reuse_val_loss), "reuse_val_loss", who)
         precision = check_real(state.get("search_precision", self.search_precision), "search_precision", who,
                                minimum=0, below=1)
+        slim_aware = check_flag(state.get("slim_aware", self.slim_aware), "slim_aware", who)
         action = PruneAction(twt, granularity=state.get("granularity", self.granularity), score_fn=self.score_fn,
-                             precision=precision, sync_distributed=self.sync_distributed, who=who)
+                             precision=precision, sync_distributed=self.sync_distributed, slim_aware=slim_aware,
+                             who=who)
         history = [dict(h) for h in state["history"]]
         best_state = None if best is None else {k: v.clone() for k, v in best.items()}
         best_optimizer_state = None if best_optimizer is None else copy.deepcopy(best_optimizer)
