@@ -410,6 +410,33 @@ def test_fsdp2_sharded_model_is_refused_with_what_to_do_and_left_alone(where):
         torch.distributed.destroy_process_group()
 
 
+def test_a_rule_refuses_a_model_sharded_after_instrument():
+    """instrument, then fully_shard: the masks stay plain tensors, so the rule refuses, naming the DTensor."""
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is needed")
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("FSDP2 (fully_shard) is needed")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lobster_fx.graph.instrument import is_dtensor
+
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        gm = lobster_fx.instrument(_model())
+        assert not any(is_dtensor(p) for p in gm.parameters())
+        try:
+            fsdp.fully_shard(gm, mesh=init_device_mesh("cpu", (1,)))
+        except Exception as e:  # noqa: BLE001 - a torch that cannot shard a GraphModule: nothing to test
+            pytest.skip(f"fully_shard refused the instrumented module: {type(e).__name__}: {e}")
+        assert any(is_dtensor(p) for p in gm.parameters())
+        opt = torch.optim.SGD(gm.parameters(), lr=0.1)
+        with pytest.raises(NotImplementedError, match=r"FSDP / DTensor-sharded parameters.*is a DTensor"):
+            lobster_fx.Lobster(gm, opt)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_torch_compile_wrapper_is_refused_with_what_to_do():
     with pytest.raises(TypeError, match=r"torch.compile wrapper \(OptimizedModule\).*torch.compile\(gm\)"):
         lobster_fx.instrument(torch.compile(_model()))

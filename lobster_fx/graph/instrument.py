@@ -409,13 +409,25 @@ def instrument(model: nn.Module, *, filter_fn: FilterFn | None = None) -> Lobste
     return gm
 
 
+def is_dtensor(t: object) -> bool:
+    """True for a DTensor (the parameter shard FSDP2's ``fully_shard`` installs), or a tensor whose
+    ``.data`` is one.
+
+        >>> is_dtensor(torch.zeros(2))
+        False
+    """
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor) or isinstance(getattr(t, "data", None), DTensor)
+
+
 def _fsdp_module(model: nn.Module) -> str | None:
     """A description of the first FSDP-sharded part of ``model`` (FSDP2 ``fully_shard``, an FSDP1
     wrapper, or a DTensor parameter), else None."""
     if not torch.distributed.is_available():
         return None
-    from torch.distributed.tensor import DTensor
-
     fsdp_types: tuple[type, ...] = ()
     try:
         from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
@@ -427,7 +439,7 @@ def _fsdp_module(model: nn.Module) -> str | None:
         if fsdp_types and isinstance(mod, fsdp_types):
             return f"module {name or '(the root)'!r} ({type(mod).__name__})"
     for fqn, p in model.named_parameters():
-        if isinstance(p, DTensor):
+        if is_dtensor(p):
             return f"parameter {fqn!r} (a DTensor)"
     return None
 

@@ -83,6 +83,7 @@ from torch import nn
 
 from lobster_fx.graph.instrument import (
     MaskedParam,
+    is_dtensor,
     lobster_info,
     mask_has_zeros,
     masked_parameters,
@@ -101,10 +102,6 @@ SCRATCH_MAX_NUMEL = 1 << 20
 # bfloat16 / float16 parameters are rounded in slices of this many elements: their float32 and
 # random temporaries (~20 bytes per element) stay under ~80 MB however large one parameter is
 HALF_CHUNK_NUMEL = 1 << 22
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return type(t).__name__ == "DTensor" or type(getattr(t, "data", None)).__name__ == "DTensor"
 
 
 # parameters in these dtypes get the term in float32 and stochastic rounding (module docstring)
@@ -224,7 +221,7 @@ class StepRule:
                 "the optimizer holds none of the instrumented model's prunable parameters; "
                 "build it from gm.parameters() of the module returned by lobster_fx.graph.instrument"
             )
-        sharded = [info.name for info, p, _ in masked_parameters(self.gm) if _is_dtensor(p)]
+        sharded = [info.name for info, p, _ in masked_parameters(self.gm) if is_dtensor(p)]
         if sharded:
             raise NotImplementedError(
                 f"{who} does not support FSDP / DTensor-sharded parameters yet ({sharded[0]!r} is a DTensor): "
