@@ -66,7 +66,7 @@ def test_whole_units_only_the_bound_holds_and_slim_removes_exactly_those_units()
     y = model(x).detach()
     gm = lobster_fx.instrument(model)
     evaluate = _mse_evaluate(x, y)
-    result = lobster_fx.prune(gm, evaluate, 0.02, granularity="neuron")
+    result = lobster_fx.prune(gm, evaluate, 0.02, granularity="neuron", channel_multiple=1)
 
     assert result.granularity == "neuron"
     assert result.loss_after <= result.bound == pytest.approx(1.02 * result.loss_before)
@@ -246,7 +246,7 @@ def test_masked_batchnorm_entries_are_pinned_by_their_masks():
     model = _conv_net()
     gm = lobster_fx.instrument(model, filter_fn=lambda m, f: default_filter(m, f) or isinstance(m, nn.BatchNorm2d))
     x = torch.randn(16, 3, 8, 8)
-    result = lobster_fx.prune(gm, _mse_evaluate(x, model(x).detach()), 0.02, granularity="neuron")
+    result = lobster_fx.prune(gm, _mse_evaluate(x, model(x).detach()), 0.02, granularity="neuron", channel_multiple=1)
     masks = lobster_fx.masks(gm)
     assert result.units_pruned > 0
     for layer, bn in (("conv1", "bn1"), ("conv2", "bn2")):

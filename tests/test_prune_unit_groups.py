@@ -93,7 +93,7 @@ def test_residual_channels_are_pruned_together_and_slim_removes_them(twt):
         for name in ("stem", "b1c2"):
             gm.get_parameter(f"{name}.weight")[3] *= 1e-3
         gm.get_parameter("stem.weight")[5] *= 1e-3
-    result = lobster_fx.prune(gm, _evaluate(x, y), twt, granularity="neuron")
+    result = lobster_fx.prune(gm, _evaluate(x, y), twt, granularity="neuron", channel_multiple=1)
     assert result.units_pruned > 0 and result.units_skipped == 0
     dead = {n: lobster_fx.masks(gm)[f"{n}.weight"].flatten(1).eq(0).all(1) for n in ("stem", "b1c2", "b2c2", "short")}
     assert torch.equal(dead["stem"], dead["b1c2"]) and torch.equal(dead["b2c2"], dead["short"])
@@ -207,3 +207,78 @@ def test_slim_aware_is_a_setting_of_the_schedule_and_the_sparsifier():
     sparsifier.pruner.action(gm, _evaluate(x, y))
     masks = lobster_fx.masks(gm)
     assert bool(masks["stem.weight"][5].eq(0).all()) and not bool(masks["b1c2.weight"][5].eq(0).all())
+
+
+@pytest.mark.parametrize(("size", "live", "threshold", "expected"), [
+    (16, 16, 4.5, []),                 # 5 wanted: 11 kept rounds up to 16, none removed
+    (16, 16, 8.5, list(range(8))),     # 9 wanted: 7 kept rounds to 8: the 8 lowest
+    (16, 16, 99.0, list(range(8))),    # all wanted: slim keeps one, rounded to 8
+    (20, 20, 99.0, list(range(12))),   # LeNet-5's 20 channels: 8 kept
+    (16, 12, 2.5, []),                 # 4 already dead, 3 more wanted: 9 kept rounds to 16
+    (16, 12, 3.5, [0, 1, 2, 3]),       # 4 more: 8 kept
+])
+def test_conv_groups_prune_only_what_slim_removes_with_its_channel_multiple(size, live, threshold, expected):
+    from lobster_fx.pruning.neuron import _Cluster
+
+    alive = torch.zeros(size, dtype=torch.bool)
+    alive[:live] = True
+    scores = torch.arange(size, dtype=torch.float64)
+    scores[:live] = scores[:live].flip(0)  # the live ones scored in reverse: the lowest are the last live
+    cluster = _Cluster([], scores, alive, multiple=8)
+    lowest_live = scores[:live].argsort()[:len(expected)].tolist()
+    assert sorted(cluster.pruned(threshold).nonzero().flatten().tolist()) == sorted(lowest_live)
+    assert torch.equal(_Cluster([], scores, alive, multiple=1).pruned(threshold), (scores <= threshold) & alive)
+
+
+class _Wide(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(2, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("slim_aware", [True, False])
+def test_every_pruned_conv_channel_is_removed_by_slim_with_its_default_multiple(slim_aware):
+    torch.manual_seed(0)
+    model = _Wide().eval()
+    with torch.no_grad():
+        model.conv1.weight[:10] *= 1e-3  # 10 cheap channels: slim with multiple 8 can remove 8 of them
+        model.bn1.running_mean[:10] = 0
+        model.bn1.bias[:10] = 0
+    gm = lobster_fx.instrument(model)
+    x = torch.randn(16, 2, 8, 8)
+    with torch.no_grad():
+        y = gm(x)
+    lobster_fx.prune(gm, _evaluate(x, y), 0.01, granularity="neuron", slim_aware=slim_aware)
+    dead = int(lobster_fx.masks(gm)["conv1.weight"].flatten(1).eq(0).all(1).sum())
+    slim = lobster_fx.slim(lobster_fx.fold(gm), x)  # slim's default channel_multiple: 8
+    width = slim.get_parameter("conv1.weight").shape[0]
+    if slim_aware:  # only what slim removes was pruned
+        assert dead == 8 and width == 16 - dead
+    else:  # 10 pruned, 2 of them zeroed for nothing
+        assert dead == 10 and width == 8
+    torch.testing.assert_close(slim(x), gm(x), rtol=0, atol=1e-5)
+
+
+def test_a_bad_channel_multiple_is_named_before_anything_runs():
+    gm = _model()
+    with pytest.raises(ValueError, match="prune: channel_multiple must be a positive int"):
+        lobster_fx.prune(gm, lambda m: pytest.fail("evaluated"), 0.05, granularity="neuron", channel_multiple=0)
+
+
+def test_channel_multiple_is_a_setting_of_the_schedule():
+    gm = _model()
+    pruner = lobster_fx.PlateauPruner(gm, lambda m: 1.0, granularity="neuron", channel_multiple=4)
+    assert pruner.channel_multiple == 4 and pruner.state_dict()["channel_multiple"] == 4
+    other = lobster_fx.PlateauPruner(gm, lambda m: 1.0, granularity="neuron")
+    assert other.channel_multiple == 8  # slim's default
+    other.load_state_dict(pruner.state_dict())
+    assert other.channel_multiple == 4
+    with pytest.raises(ValueError, match="PlateauPruner: channel_multiple must be a positive int"):
+        lobster_fx.PlateauPruner(gm, lambda m: 1.0, channel_multiple=-1)

@@ -436,7 +436,7 @@ def test_serene_then_neuron_prune_fold_slim_removes_exactly_the_dead_units():
         with torch.no_grad():
             return 1.0 + float(nn.functional.mse_loss(m(x), target) / target.var())
 
-    result = lobster_fx.prune(gm, evaluate, 0.02, granularity="neuron")  # the rule's taps still in
+    result = lobster_fx.prune(gm, evaluate, 0.02, granularity="neuron", channel_multiple=1)  # the rule's taps still in
     masks = lobster_fx.masks(gm)
     dead = {n: masks[f"{n}.weight"].flatten(1).eq(0).all(1) for n in ("conv1", "conv2", "fc1")}
     assert result.units_pruned == sum(int(d.sum()) for d in dead.values())

@@ -176,6 +176,25 @@ class _Cluster:
     members: list[_Layer]
     scores: torch.Tensor  # float64[count], on the CPU
     live: torch.Tensor  # bool[count], on the CPU: some member's unit is live
+    multiple: int = 1  # slim keeps a multiple of this many channels (channel_multiple, conv groups)
+
+    def pruned(self, threshold: float) -> torch.Tensor:
+        """The live units scored ``<= threshold``; with ``multiple > 1`` only the lowest-scored of
+        them that slim will really remove: slim keeps ``min(count, ceil(max(1, kept) / multiple) *
+        multiple)`` channels, so the rest would be zeroed for nothing (and cost loss)."""
+        rows = (self.scores <= threshold) & self.live
+        if self.multiple <= 1 or not bool(rows.any()):
+            return rows
+        size, live, wanted = self.scores.numel(), int(self.live.sum()), int(rows.sum())
+        kept = min(size, -(-max(1, live - wanted) // self.multiple) * self.multiple)
+        take = max(0, live - kept)
+        if take >= wanted:
+            return rows
+        idx = rows.nonzero().flatten()
+        lowest = idx[torch.argsort(self.scores[idx], stable=True)[:take]]
+        out = torch.zeros_like(rows)
+        out[lowest] = True
+        return out
 
 
 class UnitPlan:
@@ -187,10 +206,13 @@ class UnitPlan:
     With ``example_inputs`` slim's analysis runs on them
     (:func:`lobster_fx.pruning.unit_groups.slim_unit_groups`): units that slim removes only
     together are pruned together; units slim cannot remove are not candidates (:attr:`skipped`
-    names their layers, with slim's reason). Without them every unit stands alone.
+    names their layers, with slim's reason), and in channel groups a conv touches units are pruned
+    only as far as slim with ``channel_multiple`` will remove them. Without them every unit stands
+    alone.
     """
 
-    def __init__(self, gm: nn.Module, score_fn: Any = None, example_inputs: Any = None) -> None:
+    def __init__(self, gm: nn.Module, score_fn: Any = None, example_inputs: Any = None,
+                 channel_multiple: int = 1) -> None:
         skipped: dict[str, str] = {}
         units = [u for u in find_units(gm, skipped=skipped).values() if not u.feeds_output]
         if not units:
@@ -219,7 +241,7 @@ class UnitPlan:
             self.layers.append(_Layer(unit, w, wm, b, bm, norm, live, scores))
         self.skipped: dict[str, str] = {}  #: layer name -> why its units are not candidates
         groups = None if example_inputs is None else self._slim_groups(gm, example_inputs)
-        self.clusters = self._clusters(groups)
+        self.clusters = self._clusters(groups, channel_multiple)
         self._tensors = [t for layer in self.layers for t in (layer.weight, layer.bias, *(p for p, _ in layer.norm))
                          if t is not None]
         self._tensors = list({id(t): t for t in self._tensors}.values())
@@ -234,22 +256,27 @@ class UnitPlan:
                           "unit is pruned on its own, including units slim cannot remove", stacklevel=4)
             return None
 
-    def _clusters(self, groups: UnitGroups | None) -> list[_Cluster]:
+    def _clusters(self, groups: UnitGroups | None, channel_multiple: int) -> list[_Cluster]:
         by_weight = {layer.unit.weight: layer for layer in self.layers}
         blocked = groups.blocked if groups is not None else {}
         coupled = [[by_weight[w] for w in ws if w in by_weight] for ws in (groups.coupled if groups else [])]
         coupled = [c for c in coupled if len(c) > 1 and len({m.unit.count for m in c}) == 1]
         in_coupled = {id(m) for c in coupled for m in c}
+        aligned = groups.aligned if groups is not None else set()
+
+        def multiple(members: list[_Layer]) -> int:
+            return channel_multiple if any(m.unit.weight in aligned for m in members) else 1
+
         out = []
         for layer in self.layers:
             if layer.unit.weight in blocked:
                 self.skipped[layer.unit.name] = blocked[layer.unit.weight]
             elif id(layer) not in in_coupled:
-                out.append(_Cluster([layer], layer.scores, layer.live.cpu()))
+                out.append(_Cluster([layer], layer.scores, layer.live.cpu(), multiple([layer])))
         for members in coupled:
             scores = torch.stack([m.scores for m in members]).mean(0)
             live = torch.stack([m.live.cpu() for m in members]).any(0)
-            out.append(_Cluster(members, scores, live))
+            out.append(_Cluster(members, scores, live, multiple(members)))
         return out
 
     def candidates(self) -> torch.Tensor:
@@ -257,14 +284,11 @@ class UnitPlan:
         live = [c.scores[c.live] for c in self.clusters]
         return torch.unique(torch.cat(live)) if live else torch.empty(0, dtype=torch.float64)
 
-    def _pruned(self, cluster: _Cluster, threshold: float) -> torch.Tensor:
-        return (cluster.scores <= threshold) & cluster.live
-
     def apply(self, threshold: float) -> None:
         """The model with the live units scored ``<= threshold`` zeroed (masks untouched)."""
         self.restore()
         for cluster in self.clusters:
-            rows_cpu = self._pruned(cluster, threshold)
+            rows_cpu = cluster.pruned(threshold)
             if not bool(rows_cpu.any()):
                 continue
             for layer in cluster.members:
@@ -284,7 +308,7 @@ class UnitPlan:
         self.restore()
         pruned = units_pruned = 0
         for cluster in self.clusters:
-            cluster_rows = self._pruned(cluster, threshold)
+            cluster_rows = cluster.pruned(threshold)
             cluster.live = cluster.live & ~cluster_rows
             if not bool(cluster_rows.any()):
                 continue

@@ -193,6 +193,7 @@ def prune(
     precision: float = 0.0,
     slim_aware: bool = True,
     example_inputs: Any = None,
+    channel_multiple: int | None = None,
 ) -> PruneResult:
     """Run one pruning phase on an instrumented module.
 
@@ -231,6 +232,11 @@ def prune(
             :func:`lobster_fx.slim` takes them). Default: the inputs of the model's first
             forward in ``evaluate(model)``, which is stopped there (not a full evaluation).
             If the analysis fails, a warning says why and every unit stands alone.
+        channel_multiple: the ``channel_multiple`` the pruned model will be slimmed with
+            (default ``None``: slim's default, 8). With ``slim_aware``, in channel groups
+            that a conv touches a phase prunes only the units slim will remove: the
+            lowest-scored, so many that the kept count is what slim keeps (a multiple of
+            it). ``1``: every unit under the threshold.
 
     Returns:
         A :class:`PruneResult`. On error (NaN loss, bad ``twt``) the model is
@@ -256,6 +262,7 @@ def prune(
         return _all_reduce_mean(loss) if sync_distributed else loss
 
     slim_aware = check_flag(slim_aware, "slim_aware", "prune")
+    channel_multiple = _check_multiple(channel_multiple, "prune")
     plan: Any = None
     evaluations = 0
     try:
@@ -272,7 +279,8 @@ def prune(
         if granularity == "neuron":
             from lobster_fx.pruning.neuron import UnitPlan
 
-            plan = UnitPlan(gm, score_fn, example_inputs=example_inputs if slim_aware else None)
+            plan = UnitPlan(gm, score_fn, example_inputs=example_inputs if slim_aware else None,
+                            channel_multiple=channel_multiple)
         else:
             plan = _WeightPlan(gm)
         bound = loss_before + twt * abs(loss_before)
@@ -339,6 +347,16 @@ class _FirstInputs:
         return kind is _Captured
 
 
+def _check_multiple(value: Any, who: str) -> int:
+    """slim's ``channel_multiple`` (None: its default), checked; the message names ``who``."""
+    from lobster_fx.passes.slim.entry import _channel_multiple
+
+    try:
+        return _channel_multiple(value)
+    except ValueError as e:
+        raise ValueError(f"{who}: {e}") from None
+
+
 def check_granularity(granularity: Any, score_fn: Any, who: str) -> str:
     """``granularity`` if it is one of :data:`GRANULARITIES` and ``score_fn`` fits it."""
     if not isinstance(granularity, str) or granularity not in GRANULARITIES:
@@ -365,7 +383,7 @@ class PruneAction:
 
     def __init__(self, twt: float = 0.05, *, granularity: str = "weight", score_fn: ScoreFn | None = None,
                  precision: float = 0.0, sync_distributed: bool = True, slim_aware: bool = True,
-                 who: str = "PruneAction") -> None:
+                 channel_multiple: int | None = None, who: str = "PruneAction") -> None:
         self.twt = check_real(twt, "twt", who, minimum=0)
         self.granularity = check_granularity(granularity, score_fn, who)
         self.score_fn = score_fn
@@ -373,11 +391,12 @@ class PruneAction:
                                     minimum=0, below=1)
         self.sync_distributed = check_flag(sync_distributed, "sync_distributed", who)
         self.slim_aware = check_flag(slim_aware, "slim_aware", who)
+        self.channel_multiple = _check_multiple(channel_multiple, who)
 
     def __call__(self, gm: nn.Module, evaluate: Evaluate, loss_before: float | None = None) -> PruneResult:
         return prune(gm, evaluate, self.twt, granularity=self.granularity, score_fn=self.score_fn,
                      loss_before=loss_before, sync_distributed=self.sync_distributed, precision=self.precision,
-                     slim_aware=self.slim_aware)
+                     slim_aware=self.slim_aware, channel_multiple=self.channel_multiple)
 
     def __repr__(self) -> str:
         return f"PruneAction(twt={self.twt:g}, granularity={self.granularity!r}, precision={self.precision:g})"

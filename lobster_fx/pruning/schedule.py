@@ -80,6 +80,9 @@ class PlateauPruner:
         slim_aware: ``"neuron"`` phases ask slim which units it can remove: residual
             channels pruned together, units slim cannot remove left alone (see
             :func:`lobster_fx.prune`). ``False``: every unit alone.
+        channel_multiple: the ``channel_multiple`` the model will be slimmed with (default
+            ``None``: slim's, 8): ``"neuron"`` phases prune conv channels only as far as
+            slim removes them (see :func:`lobster_fx.prune`).
 
     ``trigger`` and ``action`` hold the decision and the pruning settings; the
     attributes ``twt``, ``pwe``, ``threshold``, ``every_n_iterations``, ``best``,
@@ -108,6 +111,7 @@ class PlateauPruner:
         granularity: str = "weight",
         score_fn: ScoreFn | None = None,
         slim_aware: bool = True,
+        channel_multiple: int | None = None,
     ) -> None:
         who = "PlateauPruner"
         check_evaluate(evaluate, who)
@@ -142,7 +146,8 @@ class PlateauPruner:
             self._plateau if every_n_iterations is None else EveryNIterations(every_n_iterations))
         #: what to prune
         self.action = PruneAction(twt, granularity=granularity, score_fn=score_fn, precision=search_precision,
-                                  sync_distributed=sync_distributed, slim_aware=slim_aware, who=who)
+                                  sync_distributed=sync_distributed, slim_aware=slim_aware,
+                                  channel_multiple=channel_multiple, who=who)
 
     # settings and counters, read from the trigger and the action
     twt = property(lambda self: self.action.twt)
@@ -150,6 +155,7 @@ class PlateauPruner:
     granularity = property(lambda self: self.action.granularity)
     score_fn = property(lambda self: self.action.score_fn)
     slim_aware = property(lambda self: self.action.slim_aware)
+    channel_multiple = property(lambda self: self.action.channel_multiple)
     pwe = property(lambda self: self._plateau.pwe)
     threshold = property(lambda self: self._plateau.threshold)
     best = property(lambda self: self.trigger.best)
@@ -262,6 +268,7 @@ class PlateauPruner:
             "search_precision": self.search_precision,
             "granularity": self.granularity,
             "slim_aware": self.slim_aware,
+            "channel_multiple": self.channel_multiple,
             "best": self.best,
             "bad_epochs": self.bad_epochs,
             "calls": self.calls,
@@ -293,7 +300,7 @@ class PlateauPruner:
         slim_aware = check_flag(state.get("slim_aware", self.slim_aware), "slim_aware", who)
         action = PruneAction(twt, granularity=state.get("granularity", self.granularity), score_fn=self.score_fn,
                              precision=precision, sync_distributed=self.sync_distributed, slim_aware=slim_aware,
-                             who=who)
+                             channel_multiple=state.get("channel_multiple", self.channel_multiple), who=who)
         history = [dict(h) for h in state["history"]]
         best_state = None if best is None else {k: v.clone() for k, v in best.items()}
         best_optimizer_state = None if best_optimizer is None else copy.deepcopy(best_optimizer)

@@ -13,8 +13,9 @@ defeat that when pruned one by one:
 :func:`slim_unit_groups` runs slim's own analysis (:class:`lobster_fx.passes.slim.analysis.Analysis`,
 the single source of truth for what slim removes) on a folded copy of the model and returns
 both: the coupled sets, pruned as one unit (channel ``k`` of every member at once, scored by
-the members' mean score, as Torch-Pruning's dependency groups are), and the units left alone,
-each with slim's reason. The model is not modified.
+the members' mean score, as Torch-Pruning's dependency groups are), the units left alone,
+each with slim's reason, and the units whose channel count slim rounds to its ``channel_multiple``
+(groups a conv touches). The model is not modified.
 
     >>> import torch, lobster_fx
     >>> from torch import nn
@@ -52,6 +53,9 @@ class UnitGroups:
     blocked: dict[str, str] = field(default_factory=dict)
     #: units slim's analysis saw as layers (others are left to score alone)
     seen: set[str] = field(default_factory=set)
+    #: units of channel groups that a conv produces or reads: slim rounds their kept count up to
+    #: a multiple of its ``channel_multiple``
+    aligned: set[str] = field(default_factory=set)
 
 
 @torch.no_grad()
@@ -82,6 +86,8 @@ def slim_unit_groups(gm: nn.Module, example_inputs: Any, units: list[str] | None
         by_root.setdefault(g.find(lay.segs[0].group), []).append(an.layers[n].weight_target)
     allowed = set(units) if units is not None else {w for ws in by_root.values() for w in ws}
     out = UnitGroups(seen={w for ws in by_root.values() for w in ws})
+    conv_roots = an.conv_roots()
+    out.aligned = {w for root, ws in by_root.items() if root in conv_roots for w in ws}
     for root, weights in by_root.items():
         mine = sorted(w for w in weights if w in allowed)
         if not mine:
