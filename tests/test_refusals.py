@@ -370,71 +370,65 @@ def test_data_parallel_is_refused_with_what_to_do():
         lobster_fx.instrument(nn.DataParallel(_model()))
 
 
-def test_ddp_is_refused_with_what_to_do():
+@pytest.fixture
+def gloo_group():
+    """A single-process gloo group for the test, destroyed after it."""
     if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
         pytest.skip("torch.distributed with gloo is needed")
     torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
-    try:
-        ddp = nn.parallel.DistributedDataParallel(_model())
-        with pytest.raises(TypeError, match=r"DistributedDataParallel\(gm, \.\.\.\)"):
-            lobster_fx.instrument(ddp)
-    finally:
-        torch.distributed.destroy_process_group()
+    yield
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture
+def shard(gloo_group):
+    """FSDP2's ``fully_shard`` on a one-rank CPU mesh: ``shard(module)``."""
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("FSDP2 (fully_shard) is needed")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return lambda module: fsdp.fully_shard(module, mesh=init_device_mesh("cpu", (1,)))
+
+
+@pytest.mark.usefixtures("gloo_group")
+def test_ddp_is_refused_with_what_to_do():
+    ddp = nn.parallel.DistributedDataParallel(_model())
+    with pytest.raises(TypeError, match=r"DistributedDataParallel\(gm, \.\.\.\)"):
+        lobster_fx.instrument(ddp)
 
 
 @pytest.mark.parametrize("where", ["root", "child"])
-def test_fsdp2_sharded_model_is_refused_with_what_to_do_and_left_alone(where):
+def test_fsdp2_sharded_model_is_refused_with_what_to_do_and_left_alone(where, shard):
     # before the refusal, fully_shard'ed models failed inside tracing: "FSDP does not support deepcopy"
-    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
-        pytest.skip("torch.distributed with gloo is needed")
-    fsdp = pytest.importorskip("torch.distributed.fsdp")
-    if not hasattr(fsdp, "fully_shard"):
-        pytest.skip("FSDP2 (fully_shard) is needed")
-    from torch.distributed.device_mesh import init_device_mesh
+    model = _model()
+    shard(model if where == "root" else next(m for m in model.modules() if isinstance(m, nn.Linear)))
 
-    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
-    try:
-        model = _model()
-        target = model if where == "root" else next(m for m in model.modules() if isinstance(m, nn.Linear))
-        fsdp.fully_shard(target, mesh=init_device_mesh("cpu", (1,)))
-        def whole(t):
-            return t.full_tensor() if hasattr(t, "full_tensor") else t
+    def whole(t):
+        return t.full_tensor() if hasattr(t, "full_tensor") else t
 
-        before = {k: whole(v).clone() for k, v in model.state_dict().items()}
-        with pytest.raises(TypeError, match=r"sharded with FSDP .*not supported.*DistributedDataParallel"):
-            lobster_fx.instrument(model)
-        after = model.state_dict()
-        assert all(torch.equal(before[k], whole(after[k])) for k in before)
-        assert not any("lobster" in type(m).__name__.lower() for m in model.modules())
-    finally:
-        torch.distributed.destroy_process_group()
+    before = {k: whole(v).clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=r"sharded with FSDP .*not supported.*DistributedDataParallel"):
+        lobster_fx.instrument(model)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], whole(after[k])) for k in before)
+    assert not any("lobster" in type(m).__name__.lower() for m in model.modules())
 
 
-def test_a_rule_refuses_a_model_sharded_after_instrument():
+def test_a_rule_refuses_a_model_sharded_after_instrument(shard):
     """instrument, then fully_shard: the masks stay plain tensors, so the rule refuses, naming the DTensor."""
-    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
-        pytest.skip("torch.distributed with gloo is needed")
-    fsdp = pytest.importorskip("torch.distributed.fsdp")
-    if not hasattr(fsdp, "fully_shard"):
-        pytest.skip("FSDP2 (fully_shard) is needed")
-    from torch.distributed.device_mesh import init_device_mesh
-
     from lobster_fx.graph.instrument import is_dtensor
 
-    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    gm = lobster_fx.instrument(_model())
+    assert not any(is_dtensor(p) for p in gm.parameters())
     try:
-        gm = lobster_fx.instrument(_model())
-        assert not any(is_dtensor(p) for p in gm.parameters())
-        try:
-            fsdp.fully_shard(gm, mesh=init_device_mesh("cpu", (1,)))
-        except Exception as e:  # noqa: BLE001 - a torch that cannot shard a GraphModule: nothing to test
-            pytest.skip(f"fully_shard refused the instrumented module: {type(e).__name__}: {e}")
-        assert any(is_dtensor(p) for p in gm.parameters())
-        opt = torch.optim.SGD(gm.parameters(), lr=0.1)
-        with pytest.raises(NotImplementedError, match=r"FSDP / DTensor-sharded parameters.*is a DTensor"):
-            lobster_fx.Lobster(gm, opt)
-    finally:
-        torch.distributed.destroy_process_group()
+        shard(gm)
+    except Exception as e:  # noqa: BLE001 - a torch that cannot shard a GraphModule: nothing to test
+        pytest.skip(f"fully_shard refused the instrumented module: {type(e).__name__}: {e}")
+    assert any(is_dtensor(p) for p in gm.parameters())
+    opt = torch.optim.SGD(gm.parameters(), lr=0.1)
+    with pytest.raises(NotImplementedError, match=r"FSDP / DTensor-sharded parameters.*is a DTensor"):
+        lobster_fx.Lobster(gm, opt)
 
 
 def test_torch_compile_wrapper_is_refused_with_what_to_do():
