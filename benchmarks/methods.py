@@ -7,6 +7,8 @@ Settings: lenet300-mnist, lenet5-mnist, resnet32-fashion (data from ``--data-roo
   serene-loss    SeReNe, loss sensitivity dL/dz, neuron pruning at plateaus
   serene-*-norm  the same, units ranked by their raw weight norm (one scale for all layers) instead of
                  the default norm relative to the layer's mean (session 21's runs)
+  serene-*@alone runs made before neuron pruning asked slim (session 24): every unit pruned on its own,
+                 residual channels and conv channels slim rounds back to a multiple of 8 included
   lobster        LOBSTER (eq. 6), weight pruning at plateaus
   l2             SGD weight decay 1e-3 + magnitude (weight) pruning at plateaus (reproduce.py's l2)
   torch-pruning  Torch-Pruning (``torch_pruning``): dense pre-training, then ``--tp-steps`` global
