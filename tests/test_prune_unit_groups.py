@@ -282,3 +282,18 @@ def test_channel_multiple_is_a_setting_of_the_schedule():
     assert other.channel_multiple == 4
     with pytest.raises(ValueError, match="PlateauPruner: channel_multiple must be a positive int"):
         lobster_fx.PlateauPruner(gm, lambda m: 1.0, channel_multiple=-1)
+
+
+def test_the_analysis_runs_on_two_samples_of_a_large_batch(monkeypatch):
+    from lobster_fx.passes.slim import analysis
+
+    seen = []
+    original = analysis.Analysis.__init__
+
+    def spy(self, gm, inputs):
+        seen.append(inputs[0].shape[0])
+        original(self, gm, inputs)
+
+    monkeypatch.setattr(analysis.Analysis, "__init__", spy)
+    groups = slim_unit_groups(_model(), torch.randn(500, 2, 8, 8))
+    assert seen == [2] and len(groups.coupled) == 2

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
 
 __all__ = ["UnitGroups", "slim_unit_groups"]
 
@@ -58,6 +59,26 @@ class UnitGroups:
     aligned: set[str] = field(default_factory=set)
 
 
+def first_rows(example_inputs: Any, rows: int = 2) -> Any:
+    """``example_inputs`` with every tensor whose first dim is the batch (the first dim of the first
+    tensor found) cut to its first ``rows`` rows: the channel groups do not depend on the batch, and
+    slim's analysis keeps a copy of every layer's input (a validation batch of 5,000 images would
+    cost gigabytes).
+
+        >>> x, mask = torch.zeros(100, 3), torch.zeros(7)
+        >>> [tuple(t.shape) for t in first_rows((x, {"mask": mask}))[:1]], first_rows((x, {"mask": mask}))[1]["mask"].shape
+        ([(2, 3)], torch.Size([7]))
+    """
+    leaves = [t for t in tree_flatten(example_inputs)[0] if isinstance(t, torch.Tensor) and t.dim() > 0]
+    if not leaves:
+        return example_inputs
+    batch = leaves[0].shape[0]
+    if batch <= rows:
+        return example_inputs
+    return tree_map(lambda t: t[:rows] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch
+                    else t, example_inputs)
+
+
 @torch.no_grad()
 def slim_unit_groups(gm: nn.Module, example_inputs: Any, units: list[str] | None = None) -> UnitGroups:
     """Slim's channel groups of the instrumented ``gm`` on ``example_inputs`` (a tensor, a tuple of
@@ -68,6 +89,7 @@ def slim_unit_groups(gm: nn.Module, example_inputs: Any, units: list[str] | None
     slim sees). A group that another layer also produces (an unmasked conv, the classifier) is
     blocked: pruning only some producers of a channel leaves it alive.
 
+    The analysis runs on the first two samples (:func:`first_rows`), or on all of them if that fails.
     Raises whatever tracing or running the folded copy raises (the caller decides what to do).
     """
     from lobster_fx.graph.instrument import unwrap
@@ -79,7 +101,11 @@ def slim_unit_groups(gm: nn.Module, example_inputs: Any, units: list[str] | None
     folded = fold(unwrap(gm))
     inference = prepare_inference_graph(folded, none_names(folded, args, kwargs))
     del folded
-    an = Analysis(inference, positional(inference, args, kwargs))
+    small_args, small_kwargs = first_rows((args, kwargs))
+    try:
+        an = Analysis(inference, positional(inference, small_args, small_kwargs))
+    except Exception:  # noqa: BLE001 - a model whose inputs do not cut along dim 0: the whole batch
+        an = Analysis(inference, positional(inference, args, kwargs))
     g = an.groups
     by_root: dict[int, list[str]] = {}
     for n, lay in an.producers:
