@@ -244,7 +244,7 @@ class _Wide(nn.Module):
 
 
 @pytest.mark.parametrize("slim_aware", [True, False])
-def test_every_pruned_conv_channel_is_removed_by_slim_with_its_default_multiple(slim_aware):
+def test_with_slims_multiple_every_pruned_conv_channel_is_removed_by_slim(slim_aware):
     torch.manual_seed(0)
     model = _Wide().eval()
     with torch.no_grad():
@@ -255,7 +255,7 @@ def test_every_pruned_conv_channel_is_removed_by_slim_with_its_default_multiple(
     x = torch.randn(16, 2, 8, 8)
     with torch.no_grad():
         y = gm(x)
-    lobster_fx.prune(gm, _evaluate(x, y), 0.01, granularity="neuron", slim_aware=slim_aware)
+    lobster_fx.prune(gm, _evaluate(x, y), 0.01, granularity="neuron", slim_aware=slim_aware, channel_multiple=None)
     dead = int(lobster_fx.masks(gm)["conv1.weight"].flatten(1).eq(0).all(1).sum())
     slim = lobster_fx.slim(lobster_fx.fold(gm), x)  # slim's default channel_multiple: 8
     width = slim.get_parameter("conv1.weight").shape[0]
@@ -277,7 +277,7 @@ def test_channel_multiple_is_a_setting_of_the_schedule():
     pruner = lobster_fx.PlateauPruner(gm, lambda m: 1.0, granularity="neuron", channel_multiple=4)
     assert pruner.channel_multiple == 4 and pruner.state_dict()["channel_multiple"] == 4
     other = lobster_fx.PlateauPruner(gm, lambda m: 1.0, granularity="neuron")
-    assert other.channel_multiple == 8  # slim's default
+    assert other.channel_multiple == 1  # every unit under the threshold, by default
     other.load_state_dict(pruner.state_dict())
     assert other.channel_multiple == 4
     with pytest.raises(ValueError, match="PlateauPruner: channel_multiple must be a positive int"):

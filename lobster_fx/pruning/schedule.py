@@ -80,9 +80,9 @@ class PlateauPruner:
         slim_aware: ``"neuron"`` phases ask slim which units it can remove: residual
             channels pruned together, units slim cannot remove left alone (see
             :func:`lobster_fx.prune`). ``False``: every unit alone.
-        channel_multiple: the ``channel_multiple`` the model will be slimmed with (default
-            ``None``: slim's, 8): ``"neuron"`` phases prune conv channels only as far as
-            slim removes them (see :func:`lobster_fx.prune`).
+        channel_multiple: ``"neuron"`` phases prune conv channels only as far as slim with
+            this ``channel_multiple`` removes them (default 1: every unit under the
+            threshold; see :func:`lobster_fx.prune`).
 
     ``trigger`` and ``action`` hold the decision and the pruning settings; the
     attributes ``twt``, ``pwe``, ``threshold``, ``every_n_iterations``, ``best``,
@@ -111,7 +111,7 @@ class PlateauPruner:
         granularity: str = "weight",
         score_fn: ScoreFn | None = None,
         slim_aware: bool = True,
-        channel_multiple: int | None = None,
+        channel_multiple: int | None = 1,
     ) -> None:
         who = "PlateauPruner"
         check_evaluate(evaluate, who)
