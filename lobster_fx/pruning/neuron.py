@@ -267,17 +267,16 @@ class UnitPlan:
         def multiple(members: list[_Layer]) -> int:
             return channel_multiple if any(m.unit.weight in aligned for m in members) else 1
 
-        out = []
+        alone = []
         for layer in self.layers:
             if layer.unit.weight in blocked:
                 self.skipped[layer.unit.name] = blocked[layer.unit.weight]
             elif id(layer) not in in_coupled:
-                out.append(_Cluster([layer], layer.scores, layer.live.cpu(), multiple([layer])))
-        for members in coupled:
-            scores = torch.stack([m.scores for m in members]).mean(0)
-            live = torch.stack([m.live.cpu() for m in members]).any(0)
-            out.append(_Cluster(members, scores, live, multiple(members)))
-        return out
+                alone.append([layer])
+        # a layer on its own is a cluster of one: the mean and the any of one unit are its own
+        return [_Cluster(members, torch.stack([m.scores for m in members]).mean(0),
+                         torch.stack([m.live.cpu() for m in members]).any(0), multiple(members))
+                for members in alone + coupled]
 
     def candidates(self) -> torch.Tensor:
         """The distinct scores of the live units, sorted."""
